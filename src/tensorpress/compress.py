@@ -1,0 +1,271 @@
+"""compress_state_dict and decompress_state_dict: the pure core."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+)
+
+from tensorpress.config import build_config
+from tensorpress.errors import InvalidOptionsError, InvalidTensorError, TensorpressError
+from tensorpress.formats import get_format
+from tensorpress.modules import (
+    check_weight,
+    fill_weight_qparams,
+    module_tensors,
+    prepare_module_classes,
+    require_activation_qparams,
+    shared_global_scales,
+)
+from tensorpress.names import ModuleTypes, group_by_module, split_name
+from tensorpress.options import CompressionOptions
+from tensorpress.plan import CompressionPlan, plan_compression
+
+__all__ = ["CompressedStateDict", "compress_state_dict", "decompress_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressedStateDict:
+    """The result of `compress_state_dict`.
+
+    Attributes:
+        tensors: read-only mapping of tensor name to the exact tensor to write.
+        config: the dict that goes under ``quantization_config`` in
+            config.json, or None when nothing was quantized or sparsified.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    config: dict[str, Any] | None
+
+
+def _coerce_options(options: CompressionOptions | Mapping[str, Any] | None) -> CompressionOptions:
+    if options is None:
+        return CompressionOptions()
+    if isinstance(options, CompressionOptions):
+        return options
+    if isinstance(options, Mapping):
+        return CompressionOptions(**options)
+    raise InvalidOptionsError(
+        f"options must be CompressionOptions, a dict or None, not {type(options).__name__}"
+    )
+
+
+def _check_state_dict(state_dict: Mapping[str, Any]) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise InvalidTensorError(
+            f"state_dict must be a mapping of tensor names to tensors, not "
+            f"{type(state_dict).__name__}"
+        )
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str):
+            raise InvalidTensorError(f"tensor name {name!r} is not a string")
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidTensorError(
+                f"{name}: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
+
+
+def compress_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    options: CompressionOptions | Mapping[str, Any] | None = None,
+    *,
+    module_types: ModuleTypes | None = None,
+) -> CompressedStateDict:
+    """Compress a state dict into the tensors and config of a compressed-tensors checkpoint.
+
+    Modules are matched against ``options.quantization`` the way
+    compressed-tensors matches a model: ``targets`` and ``ignore`` entries
+    are exact module names, ``re:`` regexes or class names. Class names come
+    from `module_types` (module name -> class name, or class names most
+    derived first). Modules missing from it, or all modules when it is None,
+    get a class guessed from the name and weight shape: a 2-D weight is an
+    ``Embedding`` when the module's last name part contains "embed" (or is
+    wte, wpe, shared, tok_embeddings) and a ``Linear`` otherwise.
+
+    A quantized module uses the qparams it carries (``weight_scale``,
+    ``weight_zero_point``, ``weight_global_scale``, ``input_scale``, ...).
+    When ``weight_scale`` is absent, weight qparams are computed from min/max
+    as llmcompressor's default observer computes them in a data-free run.
+
+    The inputs are never modified; the same inputs give the same bytes.
+
+    Args:
+        state_dict: tensor name -> tensor, as ``model.state_dict()`` returns.
+        options: `CompressionOptions`, its dict form, or None for defaults.
+        module_types: optional module name -> class name(s).
+
+    Returns:
+        `CompressedStateDict` with the tensors to write and the config entry.
+
+    Raises:
+        InvalidOptionsError: the options are invalid.
+        InvalidTensorError: a weight has a dtype, shape or value its scheme
+            cannot take.
+        MissingTensorError: a static activation scheme lacks its scale.
+
+    Example:
+        >>> import torch
+        >>> from tensorpress import CompressionOptions, compress_state_dict
+        >>> weights = {"proj.weight": torch.randn(64, 128)}
+        >>> result = compress_state_dict(weights, CompressionOptions.for_scheme("W4A16"))
+        >>> sorted(result.tensors)
+        ['proj.weight_packed', 'proj.weight_scale', 'proj.weight_shape']
+        >>> result.config["format"]
+        'pack-quantized'
+    """
+    options = _coerce_options(options)
+    _check_state_dict(state_dict)
+    _reject_unimplemented_sparsity(options)
+
+    module_classes = prepare_module_classes(state_dict, module_types)
+    plan = plan_compression(
+        module_classes, options.quantization, force_format=_forced_format(options)
+    )
+    global_scales = shared_global_scales(state_dict, plan)
+
+    output: dict[str, torch.Tensor] = {}
+    for module, names in group_by_module(state_dict).items():
+        module_plan = plan.modules.get(module)
+        if module_plan is None:
+            for name in names:
+                output[name] = state_dict[name]
+            continue
+        compressed = _compress_module(
+            module,
+            module_tensors(state_dict, module, names),
+            module_plan.scheme,
+            module_plan.format,
+            save_compressed=options.save_compressed,
+            global_scale=global_scales.get(module),
+        )
+        prefix = f"{module}." if module else ""
+        for local, tensor in compressed.items():
+            output[prefix + local] = tensor
+
+    config = _config_entry(plan, options)
+    return CompressedStateDict(tensors=MappingProxyType(output), config=config)
+
+
+def _forced_format(options: CompressionOptions) -> str | None:
+    if not options.save_compressed:
+        return options.quantization_format or "dense"
+    return options.quantization_format
+
+
+def _reject_unimplemented_sparsity(options: CompressionOptions) -> None:
+    if options.sparsity_config is not None or not options.skip_sparsity_compression_stats:
+        # NOTE: sparse compression is not implemented yet; the options are
+        # validated so that callers learn early rather than get dense output.
+        raise InvalidOptionsError(
+            "sparse compression (sparsity_config, skip_sparsity_compression_stats="
+            "False) is not implemented in this version of tensorpress; remove those "
+            "options to write quantized weights only"
+        )
+
+
+def _compress_module(
+    module: str,
+    tensors: dict[str, torch.Tensor],
+    scheme: QuantizationScheme,
+    format_name: str,
+    *,
+    save_compressed: bool,
+    global_scale: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    if scheme.weights is not None and "weight" in tensors:
+        check_weight(module, tensors["weight"], scheme)
+        tensors = fill_weight_qparams(module, tensors, scheme, global_scale)
+    require_activation_qparams(module, tensors, scheme)
+
+    if not save_compressed:
+        return tensors
+    try:
+        return get_format(format_name).compress(tensors, scheme)
+    except TensorpressError:
+        raise
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise InvalidTensorError(
+            f"{module}: compressing with format {format_name!r} failed: {error}"
+        ) from error
+
+
+def _config_entry(plan: CompressionPlan, options: CompressionOptions) -> dict[str, Any] | None:
+    quantization = options.quantization
+    kv_cache_scheme = quantization.kv_cache_scheme if quantization is not None else None
+    if not plan.schemes and kv_cache_scheme is None:
+        return None
+    status = QuantizationStatus.COMPRESSED if options.save_compressed else QuantizationStatus.FROZEN
+    return build_config(
+        schemes=plan.schemes,
+        model_format=plan.model_format,
+        status=status,
+        ignore=plan.ignore,
+        kv_cache_scheme=kv_cache_scheme,
+    )
+
+
+def decompress_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    *,
+    module_types: ModuleTypes | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Turn compressed tensors back into a dense (fake-quantized) state dict.
+
+    `config` is the ``quantization_config`` entry of config.json (or
+    ``CompressedStateDict.config``). Quantized modules get a float ``weight``
+    equal to the dequantized values; their qparams are dropped, so the
+    result loads into a model that knows nothing of quantization. Other
+    tensors pass through unchanged.
+
+    Args:
+        tensors: the compressed tensors, name -> tensor.
+        config: the quantization_config entry.
+        module_types: optional module name -> class name(s), as for
+            `compress_state_dict`.
+        dtype: cast dequantized weights to this dtype. None keeps what
+            dequantization gives: the scale's dtype, or bfloat16 for the fp4
+            and fp6 formats, whose scales do not record the model's dtype.
+
+    Raises:
+        InvalidOptionsError: the config is not a compressed-tensors config.
+        MissingTensorError: a quantized module lacks a tensor its format needs.
+
+    Example:
+        >>> import torch
+        >>> from tensorpress import CompressionOptions, compress_state_dict, decompress_state_dict
+        >>> result = compress_state_dict(
+        ...     {"proj.weight": torch.randn(8, 128)}, CompressionOptions.for_scheme("W8A16"))
+        >>> dense = decompress_state_dict(result.tensors, result.config)
+        >>> dense["proj.weight"].shape
+        torch.Size([8, 128])
+    """
+    from tensorpress.decompress import decompress_tensors
+
+    _check_state_dict(tensors)
+    if not isinstance(config, Mapping):
+        raise InvalidOptionsError(
+            f"config must be the quantization_config dict, not {type(config).__name__}"
+        )
+    return decompress_tensors(tensors, config, module_types=module_types, dtype=dtype)
+
+
+def _parse_config(config: Mapping[str, Any]) -> QuantizationConfig | None:
+    if not config.get("config_groups"):
+        return None
+    try:
+        return QuantizationConfig.model_validate(dict(config))
+    except Exception as error:  # pydantic raises several types for bad configs
+        raise InvalidOptionsError(f"invalid quantization_config: {error}") from None

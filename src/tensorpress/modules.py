@@ -1,0 +1,257 @@
+"""Per-module steps of compression: checks, qparams, shared global scales."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from compressed_tensors.quantization import (
+    DynamicType,
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+)
+
+from tensorpress.errors import InvalidTensorError, MissingTensorError
+from tensorpress.names import ModuleTypes, class_names, group_by_module, infer_module_kind
+from tensorpress.plan import CompressionPlan
+from tensorpress.qparams import (
+    FUSED_PROJECTIONS,
+    global_scale_from_min_max,
+    group_min_max,
+    weight_qparams,
+)
+
+__all__ = [
+    "prepare_module_classes",
+    "module_tensors",
+    "check_weight",
+    "expected_qparam_shape",
+    "fill_weight_qparams",
+    "shared_global_scales",
+    "require_activation_qparams",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def prepare_module_classes(
+    state_dict: Mapping[str, torch.Tensor], module_types: ModuleTypes | None
+) -> dict[str, tuple[str, ...]]:
+    """Return module name -> class names for every module, in model order.
+
+    Modules listed in `module_types` come first, in its order; modules that
+    own tensors but are missing from it get a class from `infer_module_kind`.
+    """
+    classes: dict[str, tuple[str, ...]] = {}
+    if module_types is not None:
+        for name in module_types:
+            classes[name] = class_names(module_types, name)
+    for module, names in group_by_module(state_dict).items():
+        if module in classes:
+            continue
+        weight_name = f"{module}.weight" if module else "weight"
+        weight = state_dict[weight_name] if weight_name in names else None
+        classes[module] = (infer_module_kind(module, weight),)
+    return classes
+
+
+def module_tensors(
+    state_dict: Mapping[str, torch.Tensor], module: str, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Return a module's tensors keyed by local name ("weight", "weight_scale", ...)."""
+    start = len(module) + 1 if module else 0
+    return {name[start:]: state_dict[name] for name in names}
+
+
+def check_weight(module: str, weight: torch.Tensor, scheme: QuantizationScheme) -> None:
+    """Reject weights that cannot be quantized, naming the tensor and the fix."""
+    name = f"{module}.weight"
+    if weight.is_meta:
+        raise InvalidTensorError(
+            f"{name} is on the meta device and holds no data; load the real weights "
+            "before compressing"
+        )
+    if weight.layout != torch.strided:
+        raise InvalidTensorError(
+            f"{name} has layout {weight.layout}; pass a dense tensor (call .to_dense())"
+        )
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise InvalidTensorError(
+            f"{name} has dtype {weight.dtype}, but quantization needs a float16, "
+            "bfloat16, float32 or float64 weight; pass the float weight, or ignore the "
+            "module if it is already quantized"
+        )
+    if weight.dim() != 2:
+        raise InvalidTensorError(
+            f"{name} has shape {tuple(weight.shape)}; quantized weights must be 2-D "
+            "(rows, columns). Add the module to the ignore list"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        count = int((~torch.isfinite(weight)).sum())
+        raise InvalidTensorError(
+            f"{name} contains {count} NaN or Inf values; fix the weights (for example "
+            "re-run calibration) or add the module to the ignore list"
+        )
+    args = scheme.weights
+    if args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        columns = weight.shape[-1]
+        if columns % args.group_size:
+            raise InvalidTensorError(
+                f"{name} has {columns} columns, which group_size {args.group_size} "
+                "does not divide; add the module to the ignore list or use a group size "
+                "that divides the columns"
+            )
+
+
+def expected_qparam_shape(weight_shape: torch.Size, args: QuantizationArgs) -> tuple[int, ...]:
+    """Return the shape compressed-tensors gives a weight's scale and zero point."""
+    rows, columns = weight_shape[-2], weight_shape[-1]
+    strategy = args.strategy
+    if strategy == QuantizationStrategy.TENSOR:
+        return (1,)
+    if strategy == QuantizationStrategy.CHANNEL:
+        return (rows, 1)
+    if strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        return (rows, math.ceil(columns / args.group_size))
+    if strategy == QuantizationStrategy.BLOCK:
+        block_rows, block_columns = args.block_structure
+        return (math.ceil(rows / block_rows), math.ceil(columns / block_columns))
+    raise InvalidTensorError(
+        f"weights cannot use the {strategy.value!r} quantization strategy; use tensor, "
+        "channel, group, tensor_group or block"
+    )
+
+
+def _needs_global_scale(args: QuantizationArgs) -> bool:
+    return args.strategy == QuantizationStrategy.TENSOR_GROUP
+
+
+def fill_weight_qparams(
+    module: str,
+    tensors: dict[str, torch.Tensor],
+    scheme: QuantizationScheme,
+    global_scale: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Return `tensors` with weight qparams computed from min/max where absent.
+
+    Qparams that are present are checked for shape and dtype, never changed.
+    """
+    args = scheme.weights
+    weight = tensors["weight"]
+    expected = expected_qparam_shape(weight.shape, args)
+
+    if "weight_scale" not in tensors:
+        if _needs_global_scale(args) and global_scale is None:
+            global_scale = global_scale_from_min_max([group_min_max(weight, args, module)])
+        tensors = dict(tensors)
+        computed = weight_qparams(
+            weight, args, global_scale=global_scale, name=f"{module}.weight"
+        )
+        for local, value in computed.items():
+            tensors.setdefault(local, value)
+        return tensors
+
+    scale = tensors["weight_scale"]
+    _check_qparam(module, "weight_scale", scale, expected, floating=True)
+    if not args.symmetric:
+        if "weight_zero_point" not in tensors:
+            raise MissingTensorError(
+                f"{module}.weight_zero_point is missing; the asymmetric weight scheme "
+                f"needs it beside {module}.weight_scale (or drop both to compute them "
+                "from min/max)"
+            )
+        _check_qparam(
+            module, "weight_zero_point", tensors["weight_zero_point"], expected, floating=None
+        )
+    if _needs_global_scale(args) and "weight_global_scale" not in tensors:
+        raise MissingTensorError(
+            f"{module}.weight_global_scale is missing; the tensor_group scheme needs it "
+            f"beside {module}.weight_scale (or drop both to compute them from min/max)"
+        )
+    return tensors
+
+
+def _check_qparam(
+    module: str,
+    local: str,
+    tensor: torch.Tensor,
+    expected: tuple[int, ...],
+    *,
+    floating: bool | None,
+) -> None:
+    name = f"{module}.{local}"
+    if tuple(tensor.shape) != expected:
+        raise InvalidTensorError(
+            f"{name} has shape {tuple(tensor.shape)} but the scheme expects {expected}; "
+            "recompute the qparams for this scheme, or drop them to compute from min/max"
+        )
+    if floating and not tensor.dtype.is_floating_point:
+        raise InvalidTensorError(
+            f"{name} has dtype {tensor.dtype} but a scale must be a float tensor"
+        )
+
+
+def shared_global_scales(
+    state_dict: Mapping[str, torch.Tensor], plan: CompressionPlan
+) -> dict[str, torch.Tensor]:
+    """Compute one global scale per group of fused projections that lack qparams.
+
+    llmcompressor shares the "tensor_group" global scale of q/k/v and of
+    gate/up (see `FUSED_PROJECTIONS`) because vLLM fuses those weights.
+    Modules that carry their own ``weight_scale`` are left alone.
+    """
+    needing: dict[str, QuantizationArgs] = {}
+    for name, module_plan in plan.modules.items():
+        args = module_plan.scheme.weights
+        if args is None or not _needs_global_scale(args):
+            continue
+        if f"{name}.weight" not in state_dict or f"{name}.weight_scale" in state_dict:
+            continue
+        needing[name] = args
+
+    scales: dict[str, torch.Tensor] = {}
+    for name in needing:
+        if name in scales:
+            continue
+        parent, _, last = name.rpartition(".")
+        partners = [name]
+        for group in FUSED_PROJECTIONS:
+            if last in group:
+                siblings = [f"{parent}.{member}" if parent else member for member in group]
+                # llmcompressor fuses only when every member of the group exists.
+                if all(f"{sibling}.weight" in state_dict for sibling in siblings):
+                    partners = [sibling for sibling in siblings if sibling in needing]
+                break
+        stats = [
+            group_min_max(state_dict[f"{partner}.weight"], needing[partner], partner)
+            for partner in partners
+        ]
+        shared = global_scale_from_min_max(stats)
+        for partner in partners:
+            scales[partner] = shared
+    return scales
+
+
+def require_activation_qparams(
+    module: str, tensors: Mapping[str, torch.Tensor], scheme: QuantizationScheme
+) -> None:
+    """Raise when a static activation scheme lacks the scales calibration gives."""
+    for base, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
+        if args is None or args.dynamic is True:
+            continue
+        if args.strategy == QuantizationStrategy.TENSOR_GROUP and f"{base}_global_scale" not in tensors:
+            raise MissingTensorError(
+                f"{module}.{base}_global_scale is missing; the {base} activation scheme "
+                "needs a calibrated global scale. Calibrate the model (for example with "
+                "llmcompressor) or use a scheme with dynamic activations"
+            )
+        if args.dynamic == DynamicType.LOCAL:
+            continue
+        if f"{base}_scale" not in tensors:
+            raise MissingTensorError(
+                f"{module}.{base}_scale is missing; static {base} activation "
+                "quantization needs a calibrated scale. Calibrate the model (for example "
+                "with llmcompressor) or use a scheme with dynamic activations"
+            )

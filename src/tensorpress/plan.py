@@ -1,0 +1,146 @@
+"""Which scheme and format each module gets: the plan shared by every route.
+
+The plan needs only module names and class names, never tensors, so the
+in-memory route and the checkpoint-folder route build the same one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization.quant_config import get_vllm_module_type
+
+from tensorpress.formats.quantized import infer_module_format
+from tensorpress.names import matches, matching_targets
+
+__all__ = ["ModulePlan", "CompressionPlan", "plan_compression", "COMPRESSIBLE_CLASSES"]
+
+# compressed-tensors quantizes modules of these classes (and their subclasses).
+COMPRESSIBLE_CLASSES = ("Linear", "LinearBase", "Embedding")
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One quantized module: its scheme (with ``format`` filled in) and format name."""
+
+    name: str
+    scheme: QuantizationScheme
+    format: str
+
+
+@dataclass
+class CompressionPlan:
+    """Schemes, formats and the ignore list for a whole model."""
+
+    modules: dict[str, ModulePlan] = field(default_factory=dict)
+    schemes: list[QuantizationScheme] = field(default_factory=list)
+    model_format: str = "dense"
+    ignore: list[str] = field(default_factory=list)
+
+
+def _is_compressible(classes: tuple[str, ...]) -> bool:
+    return any(cls in COMPRESSIBLE_CLASSES for cls in classes)
+
+
+def plan_compression(
+    module_classes: Mapping[str, tuple[str, ...]],
+    config: QuantizationConfig | None,
+    *,
+    force_format: str | None = None,
+) -> CompressionPlan:
+    """Match every module against `config` as compressed-tensors does.
+
+    `module_classes` maps each module name, in model order, to its class
+    names (most derived first). A module gets the scheme of its most specific
+    matching target (exact name, then regex, then class) unless an ignore
+    entry matches it. Only Linear and Embedding modules are quantized. The
+    ignore list written to the config names every module of a quantized
+    class (by vLLM's reading: routers and gates count as Linear) that was
+    left unquantized, as ``QuantizationConfig.from_pretrained`` does.
+    """
+    plan = CompressionPlan()
+    if config is None:
+        return plan
+
+    # Later groups win for a target listed twice, as in compressed-tensors.
+    target_to_scheme: OrderedDict[str, QuantizationScheme] = OrderedDict()
+    for scheme in config.config_groups.values():
+        scheme = with_default_observers(scheme.model_copy(deep=True))
+        for target in scheme.targets:
+            target_to_scheme[target] = scheme
+    ignore_entries = list(config.ignore or [])
+
+    # Each scheme's format is settled by the first module that uses it.
+    resolved: dict[int, QuantizationScheme] = {}
+    formats: set[str] = set()
+    quantized_types: set[str] = set()
+    unquantized: list[tuple[str, str]] = []
+
+    for name, classes in module_classes.items():
+        vllm_type = get_vllm_module_type(classes[0]) if classes else "Module"
+        scheme = _scheme_for(name, classes, target_to_scheme, ignore_entries)
+        if scheme is None:
+            unquantized.append((name, vllm_type))
+            continue
+
+        key = id(scheme)
+        if key not in resolved:
+            inferred = infer_module_format(classes, scheme)
+            chosen = force_format or scheme.format or inferred
+            scheme.format = chosen
+            resolved[key] = scheme
+        if scheme not in plan.schemes:
+            plan.schemes.append(scheme)
+
+        plan.modules[name] = ModulePlan(name=name, scheme=scheme, format=scheme.format)
+        quantized_types.add(vllm_type)
+        if scheme.format != "dense":
+            formats.add(scheme.format)
+
+    plan.ignore = [name for name, vllm_type in unquantized if vllm_type in quantized_types]
+    if force_format is not None and plan.modules:
+        plan.model_format = force_format
+    elif len(formats) == 1:
+        plan.model_format = next(iter(formats))
+    elif len(formats) > 1:
+        plan.model_format = "mixed-precision"
+    return plan
+
+
+def with_default_observers(scheme: QuantizationScheme) -> QuantizationScheme:
+    """Fill unset observers as llmcompressor 0.14 does before calibrating.
+
+    Static weights get "memoryless_minmax" (the min/max this library computes
+    when qparams are absent) and static activations "minmax". The observer is
+    only recorded in the config; it changes no tensor.
+    """
+    for field, default in (
+        ("weights", "memoryless_minmax"),
+        ("input_activations", "minmax"),
+        ("output_activations", "minmax"),
+    ):
+        args = getattr(scheme, field)
+        if args is None or args.observer is not None:
+            continue
+        if args.dynamic is not True:
+            args.observer = default
+    return scheme
+
+
+def _scheme_for(
+    name: str,
+    classes: tuple[str, ...],
+    target_to_scheme: Mapping[str, QuantizationScheme],
+    ignore: Iterable[str],
+) -> QuantizationScheme | None:
+    if not _is_compressible(classes):
+        return None
+    if not matches(name, classes, target_to_scheme):
+        return None
+    if matches(name, classes, ignore):
+        return None
+    best = matching_targets(name, classes, target_to_scheme)[0]
+    return target_to_scheme[best]
