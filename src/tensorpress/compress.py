@@ -9,11 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from compressed_tensors.quantization import (
-    QuantizationConfig,
-    QuantizationScheme,
-    QuantizationStatus,
-)
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
 
 from tensorpress.config import build_config
 from tensorpress.errors import InvalidOptionsError, InvalidTensorError, TensorpressError
@@ -30,7 +26,13 @@ from tensorpress.names import ModuleTypes, group_by_module, split_name
 from tensorpress.options import CompressionOptions
 from tensorpress.plan import CompressionPlan, plan_compression
 
-__all__ = ["CompressedStateDict", "compress_state_dict", "decompress_state_dict"]
+__all__ = [
+    "CompressedStateDict",
+    "compress_state_dict",
+    "compress_with_plan",
+    "decompress_state_dict",
+    "forced_format",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +132,22 @@ def compress_state_dict(
 
     module_classes = prepare_module_classes(state_dict, module_types)
     plan = plan_compression(
-        module_classes, options.quantization, force_format=_forced_format(options)
+        module_classes, options.quantization, force_format=forced_format(options)
     )
+    return compress_with_plan(state_dict, plan, options)
+
+
+def compress_with_plan(
+    state_dict: Mapping[str, torch.Tensor],
+    plan: CompressionPlan,
+    options: CompressionOptions,
+) -> CompressedStateDict:
+    """Compress `state_dict` with schemes already assigned to modules.
+
+    `compress_state_dict` builds the plan from target matching; adapters that
+    know each module's scheme (such as models that llmcompressor quantized)
+    build it with `tensorpress.plan.plan_from_schemes`.
+    """
     global_scales = shared_global_scales(state_dict, plan)
 
     output: dict[str, torch.Tensor] = {}
@@ -157,7 +173,8 @@ def compress_state_dict(
     return CompressedStateDict(tensors=MappingProxyType(output), config=config)
 
 
-def _forced_format(options: CompressionOptions) -> str | None:
+def forced_format(options: CompressionOptions) -> str | None:
+    """Return the format every quantized module must use, or None to infer it."""
     if not options.save_compressed:
         return options.quantization_format or "dense"
     return options.quantization_format
@@ -201,8 +218,7 @@ def _compress_module(
 
 
 def _config_entry(plan: CompressionPlan, options: CompressionOptions) -> dict[str, Any] | None:
-    quantization = options.quantization
-    kv_cache_scheme = quantization.kv_cache_scheme if quantization is not None else None
+    kv_cache_scheme = plan.kv_cache_scheme
     if not plan.schemes and kv_cache_scheme is None:
         return None
     status = QuantizationStatus.COMPRESSED if options.save_compressed else QuantizationStatus.FROZEN
@@ -260,12 +276,3 @@ def decompress_state_dict(
             f"config must be the quantization_config dict, not {type(config).__name__}"
         )
     return decompress_tensors(tensors, config, module_types=module_types, dtype=dtype)
-
-
-def _parse_config(config: Mapping[str, Any]) -> QuantizationConfig | None:
-    if not config.get("config_groups"):
-        return None
-    try:
-        return QuantizationConfig.model_validate(dict(config))
-    except Exception as error:  # pydantic raises several types for bad configs
-        raise InvalidOptionsError(f"invalid quantization_config: {error}") from None

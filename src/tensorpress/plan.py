@@ -10,13 +10,24 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+)
 from compressed_tensors.quantization.quant_config import get_vllm_module_type
 
 from tensorpress.formats.quantized import infer_module_format
 from tensorpress.names import matches, matching_targets
 
-__all__ = ["ModulePlan", "CompressionPlan", "plan_compression", "COMPRESSIBLE_CLASSES"]
+__all__ = [
+    "ModulePlan",
+    "CompressionPlan",
+    "plan_compression",
+    "plan_from_schemes",
+    "with_default_observers",
+    "COMPRESSIBLE_CLASSES",
+]
 
 # compressed-tensors quantizes modules of these classes (and their subclasses).
 COMPRESSIBLE_CLASSES = ("Linear", "LinearBase", "Embedding")
@@ -39,6 +50,7 @@ class CompressionPlan:
     schemes: list[QuantizationScheme] = field(default_factory=list)
     model_format: str = "dense"
     ignore: list[str] = field(default_factory=list)
+    kv_cache_scheme: QuantizationArgs | None = None
 
 
 def _is_compressible(classes: tuple[str, ...]) -> bool:
@@ -61,9 +73,8 @@ def plan_compression(
     class (by vLLM's reading: routers and gates count as Linear) that was
     left unquantized, as ``QuantizationConfig.from_pretrained`` does.
     """
-    plan = CompressionPlan()
     if config is None:
-        return plan
+        return CompressionPlan()
 
     # Later groups win for a target listed twice, as in compressed-tensors.
     target_to_scheme: OrderedDict[str, QuantizationScheme] = OrderedDict()
@@ -73,25 +84,45 @@ def plan_compression(
             target_to_scheme[target] = scheme
     ignore_entries = list(config.ignore or [])
 
-    # Each scheme's format is settled by the first module that uses it.
-    resolved: dict[int, QuantizationScheme] = {}
+    assigned = {
+        name: _scheme_for(name, classes, target_to_scheme, ignore_entries)
+        for name, classes in module_classes.items()
+    }
+    plan = plan_from_schemes(module_classes, assigned, force_format=force_format)
+    plan.kv_cache_scheme = config.kv_cache_scheme
+    return plan
+
+
+def plan_from_schemes(
+    module_classes: Mapping[str, tuple[str, ...]],
+    schemes: Mapping[str, QuantizationScheme | None],
+    *,
+    force_format: str | None = None,
+) -> CompressionPlan:
+    """Build the plan from a scheme already chosen for each module (None: unquantized).
+
+    Modules that share one scheme object share one config group, and the
+    first of them settles its format, as in compressed-tensors'
+    ``infer_model_format``. The caller's scheme objects are not modified.
+    """
+    plan = CompressionPlan()
+    copies: dict[int, QuantizationScheme] = {}
     formats: set[str] = set()
     quantized_types: set[str] = set()
     unquantized: list[tuple[str, str]] = []
 
     for name, classes in module_classes.items():
         vllm_type = get_vllm_module_type(classes[0]) if classes else "Module"
-        scheme = _scheme_for(name, classes, target_to_scheme, ignore_entries)
-        if scheme is None:
+        original = schemes.get(name)
+        if original is None or not _is_compressible(classes):
             unquantized.append((name, vllm_type))
             continue
 
-        key = id(scheme)
-        if key not in resolved:
-            inferred = infer_module_format(classes, scheme)
-            chosen = force_format or scheme.format or inferred
-            scheme.format = chosen
-            resolved[key] = scheme
+        scheme = copies.get(id(original))
+        if scheme is None:
+            scheme = original.model_copy(deep=True)
+            scheme.format = force_format or scheme.format or infer_module_format(classes, scheme)
+            copies[id(original)] = scheme
         if scheme not in plan.schemes:
             plan.schemes.append(scheme)
 
