@@ -1,0 +1,1 @@
+"""Adapters that gather inputs for the pure core from other libraries' objects."""
