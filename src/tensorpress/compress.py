@@ -30,6 +30,7 @@ __all__ = [
     "CompressedStateDict",
     "compress_state_dict",
     "compress_with_plan",
+    "compress_module",
     "decompress_state_dict",
     "forced_format",
 ]
@@ -152,25 +153,56 @@ def compress_with_plan(
 
     output: dict[str, torch.Tensor] = {}
     for module, names in group_by_module(state_dict).items():
-        module_plan = plan.modules.get(module)
-        if module_plan is None:
-            for name in names:
-                output[name] = state_dict[name]
-            continue
-        compressed = _compress_module(
-            module,
-            module_tensors(state_dict, module, names),
-            module_plan.scheme,
-            module_plan.format,
-            save_compressed=options.save_compressed,
-            global_scale=global_scales.get(module),
+        module_input = {name: state_dict[name] for name in names}
+        output.update(
+            compress_module(module, module_input, plan, options, global_scale=global_scales.get(module))
         )
-        prefix = f"{module}." if module else ""
-        for local, tensor in compressed.items():
-            output[prefix + local] = tensor
 
     config = _config_entry(plan, options)
     return CompressedStateDict(tensors=MappingProxyType(output), config=config)
+
+
+def compress_module(
+    module: str,
+    tensors: Mapping[str, torch.Tensor],
+    plan: CompressionPlan,
+    options: CompressionOptions,
+    *,
+    global_scale: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Compress one module's tensors as `plan` says; a module outside the plan passes through.
+
+    `tensors` and the result are keyed by full tensor name. `global_scale`
+    is the NVFP4 global scale shared with fused partners (see
+    `shared_global_scales`), or None to compute it from this module alone.
+    tensorpress.checkpoint calls this once per module, so both routes write
+    the same bytes.
+    """
+    module_plan = plan.modules.get(module)
+    if module_plan is None:
+        return dict(tensors)
+    compressed = _compress_module(
+        module,
+        module_tensors(tensors, module, list(tensors)),
+        module_plan.scheme,
+        module_plan.format,
+        save_compressed=options.save_compressed,
+        global_scale=global_scale,
+    )
+    prefix = f"{module}." if module else ""
+    return {prefix + local: tensor for local, tensor in compressed.items()}
+
+
+def config_entry(plan: CompressionPlan, options: CompressionOptions) -> dict[str, Any] | None:
+    """Return the ``quantization_config`` entry for `plan`, or None when nothing is quantized."""
+    return _config_entry(plan, options)
+
+
+def check_options(options: CompressionOptions | Mapping[str, Any] | None) -> CompressionOptions:
+    """Return `options` as CompressionOptions; raise for options no route implements yet."""
+    options = _coerce_options(options)
+    _reject_unimplemented_sparsity(options)
+    return options
 
 
 def forced_format(options: CompressionOptions) -> str | None:
