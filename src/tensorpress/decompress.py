@@ -89,7 +89,9 @@ def decompress_tensors(
 
         if compressed:
             try:
-                dense = get_format(module_plan.format).decompress(local, module_plan.scheme)
+                dense = get_format(module_plan.format).decompress(
+                    local, module_plan.scheme, dtype
+                )
             except TensorpressError:
                 raise
             except KeyError as error:

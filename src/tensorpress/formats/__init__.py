@@ -26,7 +26,10 @@ class Format:
 
     name: str
     compress: Callable[[ModuleTensors, QuantizationScheme], ModuleTensors]
-    decompress: Callable[[ModuleTensors, QuantizationScheme], ModuleTensors]
+    # decompress(tensors, scheme, dtype): dtype None keeps the format's own
+    # output dtype; a dtype makes formats that have no float scale of the
+    # model's dtype (fp4, fp6) dequantize in it.
+    decompress: Callable[[ModuleTensors, QuantizationScheme, "torch.dtype | None"], ModuleTensors]
 
 
 _REGISTRY: dict[str, Format] = {}

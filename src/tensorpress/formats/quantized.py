@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import COMPRESSION_FORMAT_PRIORITY
+from compressed_tensors.compressors.mxfp6.helpers import unpack_fp6_from_uint8
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization.lifecycle.forward import dequantize
 
 from tensorpress.formats import Format, ModuleTensors, register_format
 
@@ -39,14 +42,51 @@ def infer_module_format(class_names: tuple[str, ...], scheme: QuantizationScheme
     return "dense"
 
 
+# Packed float formats: name -> (values per packed row element, unpack function).
+_PACKED_FLOAT = {
+    "nvfp4-pack-quantized": (2, unpack_fp4_from_uint8),
+    "mxfp4-pack-quantized": (2, unpack_fp4_from_uint8),
+    "mxfp6-pack-quantized": (4 / 3, unpack_fp6_from_uint8),
+}
+
+
+def _decompress_packed_float(
+    name: str, tensors: ModuleTensors, scheme: QuantizationScheme, dtype: torch.dtype
+) -> ModuleTensors:
+    """Dequantize fp4/fp6 weights in `dtype`; compressed-tensors always uses bfloat16."""
+    compressor = BaseCompressor.get_value_from_registry(name)
+    values_per_element, unpack = _PACKED_FLOAT[name]
+    tensors = dict(tensors)
+    packed = tensors.pop("weight_packed")
+    rows, packed_columns = packed.shape
+    unpacked = unpack(packed, rows, round(packed_columns * values_per_element), dtype=dtype)
+    scale = compressor._decompress_scale(tensors["weight_scale"], dtype)
+    tensors["weight"] = dequantize(
+        x_q=unpacked,
+        scale=scale,
+        args=scheme.weights,
+        global_scale=tensors.get("weight_global_scale"),
+        dtype=dtype,
+    )
+    tensors["weight_scale"] = scale
+    return tensors
+
+
 def _wrap(name: str) -> Format:
     compressor = BaseCompressor.get_value_from_registry(name)
 
     def compress(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
         return dict(compressor.compress(dict(tensors), scheme))
 
-    def decompress(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
-        return dict(compressor.decompress(dict(tensors), scheme))
+    def decompress(
+        tensors: ModuleTensors, scheme: QuantizationScheme, dtype: torch.dtype | None = None
+    ) -> ModuleTensors:
+        if dtype is not None and name in _PACKED_FLOAT:
+            return _decompress_packed_float(name, tensors, scheme, dtype)
+        result = dict(compressor.decompress(dict(tensors), scheme))
+        if dtype is not None and "weight" in result:
+            result["weight"] = result["weight"].to(dtype)
+        return result
 
     return Format(name=name, compress=compress, decompress=decompress)
 
