@@ -13,10 +13,15 @@ from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import COMPRESSION_FORMAT_PRIORITY
 from compressed_tensors.compressors.mxfp6.helpers import unpack_fp6_from_uint8
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import dequantize
 
 from tensorpress.formats import Format, ModuleTensors, register_format
+from tensorpress.formats.actorder import (
+    ACTORDER_FORMATS,
+    compress_with_g_idx,
+    decompress_with_g_idx,
+)
 
 __all__ = ["QUANTIZED_FORMAT_NAMES", "infer_module_format", "module_class_for"]
 
@@ -73,14 +78,29 @@ def _decompress_packed_float(
 
 
 def _wrap(name: str) -> Format:
+    def _uses_g_idx(tensors: ModuleTensors, scheme: QuantizationScheme) -> bool:
+        return (
+            "weight_g_idx" in tensors
+            and name in ACTORDER_FORMATS
+            and scheme.weights is not None
+            and scheme.weights.strategy == QuantizationStrategy.GROUP
+        )
+
     compressor = BaseCompressor.get_value_from_registry(name)
 
-    def compress(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+    def compress_plain(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
         return dict(compressor.compress(dict(tensors), scheme))
+
+    def compress(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+        if _uses_g_idx(tensors, scheme):
+            return compress_with_g_idx(compress_plain, tensors, scheme)
+        return compress_plain(tensors, scheme)
 
     def decompress(
         tensors: ModuleTensors, scheme: QuantizationScheme, dtype: torch.dtype | None = None
     ) -> ModuleTensors:
+        if _uses_g_idx(tensors, scheme):
+            return decompress_with_g_idx(tensors, scheme, dtype)
         if dtype is not None and name in _PACKED_FLOAT:
             return _decompress_packed_float(name, tensors, scheme, dtype)
         result = dict(compressor.decompress(dict(tensors), scheme))
