@@ -36,9 +36,14 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
         got = actual[name]
         assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
         assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        got_bytes = got.contiguous().reshape(-1).view(torch.uint8)
-        want_bytes = want.contiguous().reshape(-1).view(torch.uint8)
+        got_bytes = raw_bytes(got)
+        want_bytes = raw_bytes(want)
         assert torch.equal(got_bytes, want_bytes), f"{name}: bytes differ"
+
+
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """Return the tensor's bytes; a fresh copy has standard strides even for size-1 dims."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor).reshape(-1).view(torch.uint8)
 
 
 def without_version(config: dict) -> dict:
