@@ -92,9 +92,9 @@ def compress_state_dict(
     are exact module names, ``re:`` regexes or class names. Class names come
     from `module_types` (module name -> class name, or class names most
     derived first). Modules missing from it, or all modules when it is None,
-    get a class guessed from the name and weight shape: a 2-D weight is an
+    get a class guessed from the name and weight shape. A 2-D weight is an
     ``Embedding`` when the module's last name part contains "embed" (or is
-    wte, wpe, shared, tok_embeddings) and a ``Linear`` otherwise.
+    wte, wpe, shared, tok_embeddings), and a ``Linear`` otherwise.
 
     A quantized module uses the qparams it carries (``weight_scale``,
     ``weight_zero_point``, ``weight_global_scale``, ``input_scale``, ...).
@@ -275,7 +275,7 @@ def decompress_state_dict(
     `config` is the ``quantization_config`` entry of config.json (or
     ``CompressedStateDict.config``). Quantized modules get a float ``weight``
     equal to the dequantized values; their qparams are dropped, so the
-    result loads into a model that knows nothing of quantization. Other
+    result loads into a model without quantization support. Other
     tensors pass through unchanged.
 
     Args:

@@ -1,4 +1,4 @@
-"""Which scheme and format each module gets: the plan shared by every route.
+"""The compression plan: the scheme and format of each module, shared by every route.
 
 The plan needs only module names and class names, never tensors, so the
 in-memory route and the checkpoint-folder route build the same one.

@@ -46,8 +46,8 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder that replaces `destination` when the block succeeds.
 
     Files already in `destination` that are not weight files (tokenizer,
-    README, ...) are carried over unless the new save writes a file of the
-    same name; old weight shards and index files are dropped. On error the
+    README, ...) are carried over, unless the new save writes a file of the
+    same name. Old weight shards and index files are dropped. On error the
     temporary folder is removed and `destination` is untouched.
     """
     destination = Path(destination)

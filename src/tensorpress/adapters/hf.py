@@ -131,10 +131,11 @@ def save_pretrained(
 ) -> CompressedStateDict:
     """Save a transformers model as a compressed-tensors checkpoint.
 
-    Writes what transformers' ``save_pretrained`` writes (config.json, now
-    with a ``quantization_config`` entry; generation_config.json when the
-    model has one; safetensors shards with an index past `max_shard_size`;
-    tied weights once) and never pickle files. The model is not modified.
+    Writes the files transformers' ``save_pretrained`` writes, and never
+    pickle files. config.json gains a ``quantization_config`` entry,
+    generation_config.json is written when the model has one, weights go to
+    safetensors shards with an index past `max_shard_size`, and tied weights
+    are written once. The model is not modified.
 
     Schemes come from `quantization`, or when it is None from the
     ``quantization_scheme`` attributes that llmcompressor and
