@@ -25,6 +25,7 @@ from tensorpress.modules import (
 from tensorpress.names import ModuleTypes, group_by_module, split_name
 from tensorpress.options import CompressionOptions
 from tensorpress.plan import CompressionPlan, plan_compression
+from tensorpress.sparsity import ZeroCounter, check_sparsity_options, plan_sparsity
 
 __all__ = [
     "CompressedStateDict",
@@ -135,30 +136,51 @@ def compress_state_dict(
     plan = plan_compression(
         module_classes, options.quantization, force_format=forced_format(options)
     )
-    return compress_with_plan(state_dict, plan, options)
+    return compress_with_plan(state_dict, plan, options, module_classes=module_classes)
 
 
 def compress_with_plan(
     state_dict: Mapping[str, torch.Tensor],
     plan: CompressionPlan,
     options: CompressionOptions,
+    *,
+    module_classes: Mapping[str, tuple[str, ...]] | None = None,
 ) -> CompressedStateDict:
     """Compress `state_dict` with schemes already assigned to modules.
 
     `compress_state_dict` builds the plan from target matching; adapters that
     know each module's scheme (such as models that llmcompressor quantized)
-    build it with `tensorpress.plan.plan_from_schemes`.
+    build it with `tensorpress.plan.plan_from_schemes`. `module_classes`
+    (module name -> class names, as the plan was built from) lets the
+    sparsity options match class targets; None guesses classes from names
+    and weight shapes.
     """
     global_scales = shared_global_scales(state_dict, plan)
+    if module_classes is None:
+        module_classes = prepare_module_classes(state_dict, None)
+    sparsity = plan_sparsity(state_dict, module_classes, plan, options)
+    zero_counter = ZeroCounter() if sparsity is not None and sparsity.counts_zeros else None
 
     output: dict[str, torch.Tensor] = {}
     for module, names in group_by_module(state_dict).items():
         module_input = {name: state_dict[name] for name in names}
-        output.update(
-            compress_module(module, module_input, plan, options, global_scale=global_scales.get(module))
+        if zero_counter is not None:
+            # llmcompressor counts the weight qparams registered on the model
+            # in global_sparsity, so count after filling them in.
+            uncompressed = options.model_copy(update={"save_compressed": False})
+            module_input = compress_module(
+                module, module_input, plan, uncompressed, global_scale=global_scales.get(module)
+            )
+            zero_counter.add(module_input.values())
+        compressed = compress_module(
+            module, module_input, plan, options, global_scale=global_scales.get(module)
         )
+        if sparsity is not None:
+            compressed = sparsity.compress_module(module, compressed)
+        output.update(compressed)
 
-    config = _config_entry(plan, options)
+    sparsity_config = sparsity.config(zero_counter) if sparsity is not None else None
+    config = _config_entry(plan, options, sparsity_config)
     return CompressedStateDict(tensors=MappingProxyType(output), config=config)
 
 
@@ -199,9 +221,22 @@ def config_entry(plan: CompressionPlan, options: CompressionOptions) -> dict[str
 
 
 def check_options(options: CompressionOptions | Mapping[str, Any] | None) -> CompressionOptions:
-    """Return `options` as CompressionOptions; raise for options no route implements yet."""
+    """Return `options` as CompressionOptions; raise for options the folder route lacks.
+
+    The checkpoint-folder route compresses one module at a time and does not
+    implement sparsity yet, so it rejects the sparsity options rather than
+    write dense weights silently.
+    """
     options = _coerce_options(options)
     _reject_unimplemented_sparsity(options)
+    if options.sparsity_config is not None or not options.skip_sparsity_compression_stats:
+        # NOTE: compress_state_dict and save_pretrained implement sparsity;
+        # the folder route needs a pass over every weight before writing.
+        raise InvalidOptionsError(
+            "sparse compression (sparsity_config, skip_sparsity_compression_stats="
+            "False) is not implemented for checkpoint folders yet; load the model and "
+            "use compress_state_dict or save_pretrained, or remove those options"
+        )
     return options
 
 
@@ -213,14 +248,9 @@ def forced_format(options: CompressionOptions) -> str | None:
 
 
 def _reject_unimplemented_sparsity(options: CompressionOptions) -> None:
-    if options.sparsity_config is not None or not options.skip_sparsity_compression_stats:
-        # NOTE: sparse compression is not implemented yet; the options are
-        # validated so that callers learn early rather than get dense output.
-        raise InvalidOptionsError(
-            "sparse compression (sparsity_config, skip_sparsity_compression_stats="
-            "False) is not implemented in this version of tensorpress; remove those "
-            "options to write quantized weights only"
-        )
+    # The name predates sparse compression; only combinations that no sparse
+    # checkpoint can satisfy (a marlin-24 config group) are rejected now.
+    check_sparsity_options(options)
 
 
 def _compress_module(
@@ -249,9 +279,13 @@ def _compress_module(
         ) from error
 
 
-def _config_entry(plan: CompressionPlan, options: CompressionOptions) -> dict[str, Any] | None:
+def _config_entry(
+    plan: CompressionPlan,
+    options: CompressionOptions,
+    sparsity_config: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     kv_cache_scheme = plan.kv_cache_scheme
-    if not plan.schemes and kv_cache_scheme is None:
+    if not plan.schemes and kv_cache_scheme is None and sparsity_config is None:
         return None
     status = QuantizationStatus.COMPRESSED if options.save_compressed else QuantizationStatus.FROZEN
     return build_config(
@@ -260,6 +294,7 @@ def _config_entry(plan: CompressionPlan, options: CompressionOptions) -> dict[st
         status=status,
         ignore=plan.ignore,
         kv_cache_scheme=kv_cache_scheme,
+        sparsity_config=sparsity_config,
     )
 
 

@@ -13,6 +13,7 @@ from tensorpress.formats import get_format
 from tensorpress.modules import module_tensors
 from tensorpress.names import ModuleTypes, class_names, group_by_module, infer_module_kind
 from tensorpress.plan import plan_compression
+from tensorpress.sparsity import decompress_sparse_modules
 
 __all__ = ["decompress_tensors", "QPARAM_SUFFIXES"]
 
@@ -61,8 +62,10 @@ def decompress_tensors(
     module_types: ModuleTypes | None,
     dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
-    """Decompress every quantized module of `tensors`; see `decompress_state_dict`."""
+    """Decompress every sparse and quantized module of `tensors`; see `decompress_state_dict`."""
     quantization = _parse(config)
+    # Sparse formats wrap the (possibly quantized) weight, so they come off first.
+    tensors = decompress_sparse_modules(tensors, config)
     groups = group_by_module(tensors)
 
     classes: dict[str, tuple[str, ...]] = {}

@@ -179,6 +179,7 @@ class CompressionOptions(BaseModel):
                 "{'format': 'sparse-24-bitmask', 'sparsity_structure': '2:4', "
                 "'targets': ['Linear'], 'ignore': ['lm_head']}"
             )
+        _check_sparsity_fields(value)
         return value
 
     @model_validator(mode="after")
@@ -189,6 +190,65 @@ class CompressionOptions(BaseModel):
                 f"must be None or 'dense', not {self.quantization_format!r}"
             )
         return self
+
+
+# Keys of compressed-tensors' SparsityCompressionConfig dump; the registry
+# flag is accepted so that a config read from config.json can be passed back.
+_SPARSITY_KEYS = (
+    "format",
+    "targets",
+    "ignore",
+    "global_sparsity",
+    "sparsity_structure",
+    "registry_requires_subclass",
+)
+
+
+def _check_sparsity_fields(value: dict[str, Any]) -> None:
+    unknown = sorted(set(value) - set(_SPARSITY_KEYS))
+    if unknown:
+        raise InvalidOptionsError(
+            f"sparsity_config has unknown keys {unknown}: it takes "
+            f"{', '.join(_SPARSITY_KEYS)}"
+        )
+    for key in ("targets", "ignore"):
+        entries = value.get(key)
+        if entries is None:
+            continue
+        if isinstance(entries, str) or not all(isinstance(entry, str) for entry in entries):
+            raise InvalidOptionsError(
+                f"sparsity_config {key} must be a list of module names, 're:' regexes or "
+                f"class names, not {entries!r}; for example ['Linear'] or ['lm_head']"
+            )
+        value[key] = list(entries)
+    sparsity = value.get("global_sparsity")
+    if sparsity is not None and (
+        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1
+    ):
+        raise InvalidOptionsError(
+            f"sparsity_config global_sparsity must be a fraction from 0 to 1, not {sparsity!r}"
+        )
+    structure = value.get("sparsity_structure")
+    if structure is not None and not _is_sparsity_structure(structure):
+        raise InvalidOptionsError(
+            f"sparsity_config sparsity_structure {structure!r} is invalid: use "
+            "'unstructured', '2:4' or another 'N:M', or leave it out to infer it"
+        )
+    if value["format"] == "sparse-24-bitmask" and structure is not None and structure != "2:4":
+        raise InvalidOptionsError(
+            f"sparsity_config format 'sparse-24-bitmask' stores 2:4 weights only, but "
+            f"sparsity_structure is {structure!r}; use format 'sparse-bitmask' for other "
+            "structures"
+        )
+
+
+def _is_sparsity_structure(structure: Any) -> bool:
+    if not isinstance(structure, str):
+        return False
+    if structure.strip().lower() == "unstructured":
+        return True
+    parts = structure.split(":")
+    return len(parts) == 2 and all(part.strip().isdigit() for part in parts)
 
 
 def _describe_validation_error(error: ValidationError) -> str:

@@ -63,3 +63,4 @@ def format_names() -> list[str]:
 
 # Import for their side effect of registering formats.
 from tensorpress.formats import quantized as _quantized  # noqa: E402,F401
+from tensorpress.formats import sparse as _sparse  # noqa: E402,F401
