@@ -16,6 +16,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from tensorpress import (
     CheckpointError,
     CompressionOptions,
+    InvalidOptionsError,
     InvalidTensorError,
     compress_state_dict,
 )
@@ -231,3 +232,36 @@ def test_index_naming_missing_tensor_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="model.extra.weight"):
         compress_checkpoint(source, tmp_path / "out", CompressionOptions.for_scheme("W4A16"))
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "NVFP4A16"])
+def test_worker_counts_give_same_bytes(tmp_path: Path, scheme: str) -> None:
+    source = write_three_shards(tmp_path / "sharded")
+    options = CompressionOptions.for_scheme(scheme)
+
+    compress_checkpoint(source, tmp_path / "one", options, max_shard_size="150KB", workers=1)
+    compress_checkpoint(source, tmp_path / "three", options, max_shard_size="150KB", workers=3)
+
+    assert folder_bytes(tmp_path / "three") == folder_bytes(tmp_path / "one")
+
+
+def test_progress_reports_every_module(tmp_path: Path) -> None:
+    calls: list[tuple[str, int, int]] = []
+
+    compress_checkpoint(
+        SOURCE,
+        tmp_path / "out",
+        CompressionOptions.for_scheme("W4A16"),
+        workers=2,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
+
+    compress_calls = [call for call in calls if call[0] == "compress"]
+    assert compress_calls[-1] == ("compress", 14, 14)
+    assert [done for _, done, _ in compress_calls] == list(range(1, 15))
+    assert calls[-1] == ("write", 1, 1)
+
+
+def test_invalid_worker_count_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionsError, match="workers"):
+        compress_checkpoint(SOURCE, tmp_path / "out", CompressionOptions.for_scheme("W4A16"), workers=0)
