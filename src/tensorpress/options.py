@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from compressed_tensors.config import CompressionFormat
@@ -90,6 +91,17 @@ class CompressionOptions(BaseModel):
         Raises:
             InvalidOptionsError: the scheme name is not a compressed-tensors preset.
         """
+        if not isinstance(scheme, str):
+            raise InvalidOptionsError(
+                f"scheme must be a preset name such as 'W4A16', not {type(scheme).__name__}"
+            )
+        for label, entries in (("targets", targets), ("ignore", ignore)):
+            if isinstance(entries, str) or not isinstance(entries, (list, tuple)):
+                raise InvalidOptionsError(
+                    f"{label} must be a list of strings, for example {label}=[{entries!r}], "
+                    f"not {type(entries).__name__}"
+                )
+            _check_patterns(label, entries)
         try:
             preset = preset_name_to_scheme(scheme, list(targets))
         except (KeyError, ValueError) as error:
@@ -184,6 +196,10 @@ class CompressionOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> CompressionOptions:
+        if self.quantization is not None:
+            _check_patterns("ignore", self.quantization.ignore or [])
+            for group in self.quantization.config_groups.values():
+                _check_patterns("targets", group.targets)
         if not self.save_compressed and self.quantization_format not in (None, "dense"):
             raise InvalidOptionsError(
                 f"save_compressed=False writes dense weights, so quantization_format "
@@ -249,6 +265,19 @@ def _is_sparsity_structure(structure: Any) -> bool:
         return True
     parts = structure.split(":")
     return len(parts) == 2 and all(part.strip().isdigit() for part in parts)
+
+
+def _check_patterns(label: str, entries: list[str] | tuple[str, ...]) -> None:
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise InvalidOptionsError(f"{label} entries must be strings, got {entry!r}")
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as error:
+                raise InvalidOptionsError(
+                    f"{label} entry {entry!r} is not a valid regular expression: {error}"
+                ) from None
 
 
 def _describe_validation_error(error: ValidationError) -> str:

@@ -17,7 +17,8 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.quant_config import get_vllm_module_type
 
-from tensorpress.formats.quantized import infer_module_format
+from tensorpress.errors import UnsupportedFormatError
+from tensorpress.formats.quantized import QUANTIZED_FORMAT_NAMES, fits, infer_module_format
 from tensorpress.names import matches, matching_targets
 
 __all__ = [
@@ -122,6 +123,7 @@ def plan_from_schemes(
         if scheme is None:
             scheme = original.model_copy(deep=True)
             scheme.format = force_format or scheme.format or infer_module_format(classes, scheme)
+            check_format_fits(name, classes, scheme)
             copies[id(original)] = scheme
         if scheme not in plan.schemes:
             plan.schemes.append(scheme)
@@ -139,6 +141,24 @@ def plan_from_schemes(
     elif len(formats) > 1:
         plan.model_format = "mixed-precision"
     return plan
+
+
+def check_format_fits(name: str, classes: tuple[str, ...], scheme: QuantizationScheme) -> None:
+    """Reject a chosen format that cannot store the scheme's weights.
+
+    llmcompressor only warns here ("Compression may fail") and writes wrong
+    values; a forced pack-quantized on FP8 weights, say, loses the weights.
+    """
+    chosen = scheme.format
+    if chosen == "dense" or chosen not in QUANTIZED_FORMAT_NAMES:
+        return
+    if not fits(chosen, classes, scheme):
+        inferred = infer_module_format(classes, scheme)
+        raise UnsupportedFormatError(
+            f"{name}: format {chosen!r} cannot store this scheme's weights "
+            f"({scheme.weights.type if scheme.weights else 'no'} {scheme.weights.num_bits if scheme.weights else ''}-bit); "
+            f"use {inferred!r} or leave the format unset to infer it"
+        )
 
 
 def with_default_observers(scheme: QuantizationScheme) -> QuantizationScheme:

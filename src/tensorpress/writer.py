@@ -56,7 +56,13 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
             f"{destination} exists and is not a folder; pass a folder path to save into"
         )
     parent = destination.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot create the folder {parent} to save into: {error.strerror or error}; "
+            "pick a save path whose parents are folders you can write"
+        ) from None
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=parent))
     try:
         yield staging

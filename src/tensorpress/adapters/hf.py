@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+from huggingface_hub.serialization._base import parse_size_to_int
 
 from tensorpress.compress import CompressedStateDict, compress_with_plan, forced_format
 from tensorpress.errors import InvalidOptionsError
@@ -180,6 +181,20 @@ def save_pretrained(
         'pack-quantized'
     """
     _check_transformers_arguments(kwargs)
+    if not hasattr(model, "config") or not hasattr(model.config, "to_diff_dict"):
+        raise InvalidOptionsError(
+            f"save_pretrained needs a transformers model with a config, got "
+            f"{type(model).__name__}; for other modules call compress_state_dict on "
+            "module.state_dict() and write the tensors yourself"
+        )
+    if isinstance(max_shard_size, str):
+        try:
+            parse_size_to_int(max_shard_size)
+        except ValueError:
+            raise InvalidOptionsError(
+                f"max_shard_size={max_shard_size!r} is not a size; use bytes as an int "
+                "or a string such as '5GB' or '500MB'"
+            ) from None
     options = CompressionOptions(
         quantization=quantization,
         quantization_format=quantization_format,

@@ -12,6 +12,7 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import COMPRESSION_FORMAT_PRIORITY
 from compressed_tensors.compressors.mxfp6.helpers import unpack_fp6_from_uint8
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import dequantize
@@ -23,7 +24,7 @@ from tensorpress.formats.actorder import (
     decompress_with_g_idx,
 )
 
-__all__ = ["QUANTIZED_FORMAT_NAMES", "infer_module_format", "module_class_for"]
+__all__ = ["QUANTIZED_FORMAT_NAMES", "fits", "infer_module_format", "module_class_for"]
 
 QUANTIZED_FORMAT_NAMES: tuple[str, ...] = tuple(fmt.value for fmt in COMPRESSION_FORMAT_PRIORITY)
 
@@ -35,6 +36,12 @@ def module_class_for(class_names: tuple[str, ...]) -> type[torch.nn.Module]:
     if "Embedding" in class_names:
         return torch.nn.Embedding
     return torch.nn.Module
+
+
+def fits(format_name: str, class_names: tuple[str, ...], scheme: QuantizationScheme) -> bool:
+    """Return True when compressed-tensors' `format_name` compressor accepts the module."""
+    compressor = BaseCompressor.get_value_from_registry(format_name)
+    return bool(compressor.can_compress(module_class_for(class_names), scheme))
 
 
 def infer_module_format(class_names: tuple[str, ...], scheme: QuantizationScheme) -> str:
@@ -77,6 +84,54 @@ def _decompress_packed_float(
     return tensors
 
 
+def _has_packed_zero_point(tensors: ModuleTensors, scheme: QuantizationScheme) -> bool:
+    args = scheme.weights
+    return (
+        args is not None
+        and not args.symmetric
+        and args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
+        and "weight_zero_point" in tensors
+        and "weight_scale" in tensors
+    )
+
+
+def _standard_strides(tensor: torch.Tensor) -> torch.Tensor:
+    # .contiguous() keeps odd strides on size-1 dims, which .view(dtype) rejects.
+    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+
+
+def _with_unpacked_zero_point(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+    """Unpack row-packed zero points along columns of the transpose.
+
+    compressed-tensors 0.20.1's ``unpack_from_int32(..., packed_dim=0)`` fails
+    under torch 2.13 when the packed zero point has a single row (8 or fewer
+    weight rows at 4 bits). Unpacking the transpose along dim 1 gives the
+    same values.
+    """
+    tensors = dict(tensors)
+    groups = tensors["weight_scale"].shape[-1]
+    rows = tensors["weight_scale"].shape[0]
+    packed = _standard_strides(tensors["weight_zero_point"].t())
+    tensors["weight_zero_point"] = unpack_from_int32(
+        packed, scheme.weights.num_bits, torch.Size([groups, rows]), packed_dim=1
+    ).t()
+    return tensors
+
+
+def _decompress_pack_quantized(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+    tensors = dict(tensors)
+    packed = tensors.pop("weight_packed")
+    shape = torch.Size(int(size) for size in tensors["weight_shape"])
+    unpacked = unpack_from_int32(_standard_strides(packed), scheme.weights.num_bits, shape)
+    tensors["weight"] = dequantize(
+        x_q=unpacked,
+        scale=tensors["weight_scale"],
+        zero_point=tensors["weight_zero_point"],
+        args=scheme.weights,
+    )
+    return tensors
+
+
 def _wrap(name: str) -> Format:
     def _uses_g_idx(tensors: ModuleTensors, scheme: QuantizationScheme) -> bool:
         return (
@@ -101,6 +156,12 @@ def _wrap(name: str) -> Format:
     ) -> ModuleTensors:
         if _uses_g_idx(tensors, scheme):
             return decompress_with_g_idx(tensors, scheme, dtype)
+        if name == "pack-quantized" and _has_packed_zero_point(tensors, scheme):
+            tensors = _with_unpacked_zero_point(tensors, scheme)
+            result = _decompress_pack_quantized(tensors, scheme)
+            if dtype is not None:
+                result["weight"] = result["weight"].to(dtype)
+            return result
         if dtype is not None and name in _PACKED_FLOAT:
             return _decompress_packed_float(name, tensors, scheme, dtype)
         result = dict(compressor.decompress(dict(tensors), scheme))

@@ -1,0 +1,116 @@
+"""Bad inputs raise TensorpressError subclasses that name the problem and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensorpress import (
+    CheckpointError,
+    CompressionOptions,
+    InvalidOptionsError,
+    InvalidTensorError,
+    MissingTensorError,
+    UnsupportedFormatError,
+    compress_state_dict,
+    decompress_state_dict,
+    save_pretrained,
+)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: CompressionOptions.for_scheme("W4A16", targets="Linear"), "targets must be a list"),
+        (lambda: CompressionOptions.for_scheme("W4A16", ignore="lm_head"), "ignore must be a list"),
+        (lambda: CompressionOptions.for_scheme(4), "scheme must be a preset name"),
+        (lambda: CompressionOptions.for_scheme("W9A99"), "unknown quantization scheme"),
+        (lambda: CompressionOptions.for_scheme("W4A16", ignore=["re:(["]), "not a valid regular expression"),
+        (lambda: CompressionOptions(quantization_format="marlin-24"), "vLLM no longer"),
+        (lambda: CompressionOptions(quantization_format="int9"), "unknown quantization_format"),
+        (lambda: CompressionOptions(compress=True), "unknown option 'compress'"),
+    ],
+)
+def test_invalid_options_rejected(build, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidOptionsError, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (torch.randint(0, 5, (8, 128)), "dtype torch.int64"),
+        (torch.ones(8, 128, dtype=torch.bool), "dtype torch.bool"),
+        (torch.randn(8, 128, dtype=torch.complex64), "dtype torch.complex64"),
+        (torch.empty(8, 128, device="meta"), "meta device"),
+        (torch.randn(8, 128).to_sparse(), "layout"),
+        (torch.full((8, 128), float("nan")), "NaN or Inf"),
+        (torch.randn(8, 100), "100 columns"),
+    ],
+)
+def test_bad_weights_rejected(weight: torch.Tensor, message: str) -> None:
+    with pytest.raises(InvalidTensorError, match=message) as raised:
+        compress_state_dict({"proj.weight": weight}, CompressionOptions.for_scheme("W4A16"))
+
+    assert "proj.weight" in str(raised.value)
+
+
+def test_non_contiguous_weight_same_bytes() -> None:
+    weight = torch.randn(128, 64).t()
+    options = CompressionOptions.for_scheme("W4A16")
+
+    strided = compress_state_dict({"proj.weight": weight}, options)
+    contiguous = compress_state_dict({"proj.weight": weight.contiguous()}, options)
+
+    for name, tensor in contiguous.tensors.items():
+        assert torch.equal(strided.tensors[name], tensor)
+
+
+def test_static_activation_scale_missing() -> None:
+    with pytest.raises(MissingTensorError, match="proj.input_scale is missing"):
+        compress_state_dict({"proj.weight": torch.randn(8, 128)}, CompressionOptions.for_scheme("FP8"))
+
+
+def test_misshapen_weight_scale_rejected() -> None:
+    state_dict = {"proj.weight": torch.randn(8, 128), "proj.weight_scale": torch.ones(4, 1)}
+
+    with pytest.raises(InvalidTensorError, match=r"proj.weight_scale has shape \(4, 1\)"):
+        compress_state_dict(state_dict, CompressionOptions.for_scheme("W8A16"))
+
+
+def test_forced_format_that_cannot_hold_scheme() -> None:
+    options = CompressionOptions.for_scheme("FP8_DYNAMIC", quantization_format="pack-quantized")
+
+    with pytest.raises(UnsupportedFormatError, match="use 'float-quantized'"):
+        compress_state_dict({"proj.weight": torch.randn(8, 128)}, options)
+
+
+def test_small_asymmetric_weight_round_trips() -> None:
+    # Eight rows at 4 bits pack the zero point into one row, which
+    # compressed-tensors 0.20.1 cannot unpack under torch 2.13 by itself.
+    weight = torch.randn(8, 256)
+    result = compress_state_dict({"proj.weight": weight}, CompressionOptions.for_scheme("W4A16_ASYM"))
+
+    dense = decompress_state_dict(result.tensors, result.config)
+
+    assert dense["proj.weight"].shape == (8, 256)
+    assert (dense["proj.weight"] - weight).abs().max() < 0.5
+
+
+def test_save_into_path_below_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=32))
+
+    with pytest.raises(CheckpointError, match="cannot create the folder"):
+        save_pretrained(model, tmp_path / "file" / "out")
+
+
+def test_save_rejects_bad_shard_size_and_plain_modules(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionsError, match="needs a transformers model"):
+        save_pretrained(torch.nn.Linear(128, 8), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
