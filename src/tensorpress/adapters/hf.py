@@ -223,7 +223,7 @@ def save_pretrained(
     from tensorpress.compress import _reject_unimplemented_sparsity
 
     _reject_unimplemented_sparsity(options)
-    result = compress_with_plan(tensors, plan, options)
+    result = compress_with_plan(tensors, plan, options, module_classes=module_classes)
 
     if not is_main_process:
         return result
