@@ -6,10 +6,10 @@ releases with sparse compression; this suite only reads them. Every case
 runs twice: from the input weights alone (qparams from min/max) and with
 the qparams the peer computed before saving.
 
-Three cases differ from the peer on purpose, and their tests show how:
-2:4 with W4A16 (the peer writes marlin-24, which vLLM no longer loads), a
-sparsity config without targets (the peer labels dense tensors sparse), and
-2:4 with W8A8 (the peer drops every int8 -128).
+Three cases differ from the peer on purpose, and their tests show how.
+With 2:4 and W4A16 the peer writes marlin-24, which vLLM no longer loads.
+With a sparsity config without targets the peer labels dense tensors
+sparse. With 2:4 and W8A8 the peer drops every int8 -128.
 """
 
 from __future__ import annotations
