@@ -107,10 +107,10 @@ def write_json(path: Path, data: Mapping[str, Any], *, sort_keys: bool = True) -
 
 
 def _detach_shared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Return CPU, contiguous tensors, cloning any that share storage with another.
+    """Return CPU, contiguous tensors, cloning any that share storage or view a larger buffer.
 
-    safetensors refuses to write two tensors that share memory, and a view
-    into a larger buffer would write the whole buffer's extent otherwise.
+    safetensors refuses to write two tensors that share memory, and
+    huggingface_hub sizes a view by its whole buffer when it plans shards.
     """
     seen: dict[int, str] = {}
     result: dict[str, torch.Tensor] = {}
@@ -121,7 +121,10 @@ def _detach_shared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
         storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
-        if storage is not None and storage in seen:
+        # A slice of a larger buffer (block-padded FP8 weights) would count as
+        # the whole buffer when huggingface_hub sizes shards.
+        oversized = tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
+        if storage is not None and (storage in seen or oversized):
             tensor = tensor.clone()
         elif storage is not None:
             seen[storage] = name
