@@ -62,3 +62,26 @@ def test_g_idx_wrong_length_rejected() -> None:
 
     with pytest.raises(InvalidTensorError, match=r"shape \(256,\)"):
         compress_state_dict(state_dict, options)
+
+
+def test_g_idx_config_declares_group_actorder() -> None:
+    state_dict, options = actorder_state_dict("W4A16")
+    state_dict["plain.weight"] = torch.randn(16, 256)
+    plain_options = CompressionOptions.for_scheme("W4A16", ignore=[])
+
+    result = compress_state_dict(state_dict, options)
+    plain = compress_state_dict({"plain.weight": torch.randn(16, 256)}, plain_options)
+
+    assert result.config["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    assert plain.config["config_groups"]["group_0"]["weights"]["actorder"] is None
+
+
+def test_group_actorder_config_round_trips() -> None:
+    state_dict, options = actorder_state_dict("W4A16_ASYM")
+    result = compress_state_dict(state_dict, options)
+
+    reparsed = CompressionOptions(quantization=result.config)
+    dense = decompress_state_dict(result.tensors, result.config)
+
+    assert reparsed.quantization.config_groups["group_0"].weights.actorder is None
+    assert dense["layer.weight"].shape == (16, 256)

@@ -181,6 +181,8 @@ def compress_with_plan(
 
     sparsity_config = sparsity.config(zero_counter) if sparsity is not None else None
     config = _config_entry(plan, options, sparsity_config)
+    if config is not None:
+        mark_group_actorder(config, plan, output)
     return CompressedStateDict(tensors=MappingProxyType(output), config=config)
 
 
@@ -277,6 +279,27 @@ def _compress_module(
         raise InvalidTensorError(
             f"{module}: compressing with format {format_name!r} failed: {error}"
         ) from error
+
+
+def mark_group_actorder(
+    config: dict[str, Any], plan: CompressionPlan, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Write ``actorder: "group"`` for config groups whose modules carry ``weight_g_idx``.
+
+    Loaders read ``weight_g_idx`` only when the config declares group
+    activation ordering; with ``actorder: null`` they would load the weight
+    with the wrong column scales and raise nothing. compressed-tensors 0.20
+    rejects "group" when parsing, so such a checkpoint fails loudly there
+    instead of loading wrong values.
+    """
+    for index, scheme in enumerate(plan.schemes):
+        if any(
+            module_plan.scheme is scheme and f"{name}.weight_g_idx" in tensors
+            for name, module_plan in plan.modules.items()
+        ):
+            group = config["config_groups"][f"group_{index}"]
+            if group.get("weights"):
+                group["weights"]["actorder"] = "group"
 
 
 def _config_entry(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import compressed_tensors
@@ -14,7 +16,7 @@ from compressed_tensors.quantization import (
     QuantizationStatus,
 )
 
-__all__ = ["build_config", "dump_args", "QUANT_METHOD"]
+__all__ = ["build_config", "dump_args", "strip_group_actorder", "QUANT_METHOD"]
 
 QUANT_METHOD = "compressed-tensors"
 
@@ -89,3 +91,20 @@ def dump_args(args: QuantizationArgs) -> dict[str, Any]:
             value = getattr(args, field)
             data[field] = str(value) if isinstance(value, torch.dtype) else value
     return data
+
+
+def strip_group_actorder(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of a config dict with ``actorder: "group"`` set to None.
+
+    compressed-tensors 0.20 refuses to parse "group"; the ``weight_g_idx``
+    tensors themselves tell tensorpress which modules use it.
+    """
+    result = copy.deepcopy(dict(config))
+    for group in (result.get("config_groups") or {}).values():
+        if not isinstance(group, dict):
+            continue
+        for field in ("weights", "input_activations", "output_activations"):
+            args = group.get(field)
+            if isinstance(args, dict) and str(args.get("actorder")).lower() in ("group", "true", "dynamic"):
+                args["actorder"] = None
+    return result

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from compressed_tensors.quantization import QuantizationConfig
 
+from tensorpress.config import strip_group_actorder
 from tensorpress.errors import InvalidOptionsError, MissingTensorError, TensorpressError
 from tensorpress.formats import get_format
 from tensorpress.modules import module_tensors
@@ -33,7 +34,7 @@ def _parse(config: Mapping[str, Any]) -> QuantizationConfig | None:
     if not config.get("config_groups"):
         return None
     try:
-        return QuantizationConfig.model_validate(dict(config))
+        return QuantizationConfig.model_validate(strip_group_actorder(config))
     except Exception as error:  # pydantic and preset lookups raise several types
         raise InvalidOptionsError(
             f"invalid quantization_config: {error}. Pass the dict written under "

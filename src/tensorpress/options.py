@@ -10,6 +10,7 @@ from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from tensorpress.config import strip_group_actorder
 from tensorpress.errors import InvalidOptionsError
 
 __all__ = ["CompressionOptions", "QUANTIZATION_FORMATS", "SPARSITY_FORMATS"]
@@ -121,7 +122,7 @@ class CompressionOptions(BaseModel):
             return copy.deepcopy(value)
         if isinstance(value, dict):
             try:
-                return QuantizationConfig.model_validate(copy.deepcopy(value))
+                return QuantizationConfig.model_validate(strip_group_actorder(value))
             except Exception as error:  # pydantic and preset lookups raise several types
                 raise InvalidOptionsError(
                     f"invalid quantization config: {error}. Pass a compressed-tensors "

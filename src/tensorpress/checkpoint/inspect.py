@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from compressed_tensors.quantization import QuantizationConfig
 
+from tensorpress.config import strip_group_actorder
 from tensorpress.checkpoint.architecture import module_kinds_from_config
 from tensorpress.checkpoint.shards import DTYPE_NAMES, dtype_from_name
 from tensorpress.checkpoint.source import CheckpointSource, TensorInfo, open_checkpoint
@@ -40,7 +41,7 @@ def _plan(folder: Path, source: CheckpointSource, quantization: dict[str, Any]) 
     if not quantization.get("config_groups"):
         return CompressionPlan()
     try:
-        parsed = QuantizationConfig.model_validate(dict(quantization))
+        parsed = QuantizationConfig.model_validate(strip_group_actorder(quantization))
     except Exception as error:  # pydantic raises several types for bad configs
         raise CheckpointError(f"{folder / 'config.json'}: invalid quantization_config: {error}") from None
     module_types = module_kinds_from_config(folder).module_types or {}
