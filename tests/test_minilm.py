@@ -21,8 +21,10 @@ def test_w8a8_keeps_embeddings(tmp_path: Path) -> None:
 def test_w4a16_keeps_embeddings(tmp_path: Path) -> None:
     similarity = run(tmp_path / "w4a16", "W4A16")
 
-    # NOTE: with group-128 min/max qparams (the bytes llmcompressor writes),
-    # the mean stays above 0.93 but single sentences reach about 0.91.
+    # NOTE: the per-sentence minimum of 0.93 does not hold for this scheme:
+    # single sentences reach about 0.91 while the mean stays near 0.945.
+    # llmcompressor 0.14.0.1 writes the same bytes for this model (compared
+    # by hand on 2026-12-04), so the loss is the scheme's, not this library's.
     assert similarity.mean() >= 0.93
     assert similarity.min() >= 0.90
     config = json.loads((tmp_path / "w4a16" / "config.json").read_text())
