@@ -22,6 +22,7 @@ from tensorpress.compress import CompressedStateDict, compress_with_plan, forced
 from tensorpress.errors import InvalidOptionsError
 from tensorpress.modules import prepare_module_classes
 from tensorpress.options import CompressionOptions
+from tensorpress.sparsity import check_sparsity_options
 from tensorpress.plan import plan_compression, plan_from_schemes, with_default_observers
 from tensorpress.writer import atomic_directory, write_json, write_safetensors_shards
 
@@ -220,9 +221,7 @@ def save_pretrained(
             module_classes, options.quantization, force_format=forced_format(options)
         )
 
-    from tensorpress.compress import _reject_unimplemented_sparsity
-
-    _reject_unimplemented_sparsity(options)
+    check_sparsity_options(options)
     result = compress_with_plan(tensors, plan, options, module_classes=module_classes)
 
     if not is_main_process:
