@@ -22,8 +22,8 @@ from tensorpress.compress import CompressedStateDict, compress_with_plan, forced
 from tensorpress.errors import InvalidOptionsError
 from tensorpress.modules import prepare_module_classes
 from tensorpress.options import CompressionOptions
-from tensorpress.sparsity import check_sparsity_options
 from tensorpress.plan import plan_compression, plan_from_schemes, with_default_observers
+from tensorpress.sparsity import check_sparsity_options
 from tensorpress.writer import atomic_directory, write_json, write_safetensors_shards
 
 __all__ = ["save_pretrained", "module_types_of", "deduplicate_tied"]
