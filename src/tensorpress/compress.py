@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
 
+from tensorpress.arrays import as_tensor_mapping, check_return_type, to_numpy_mapping
 from tensorpress.config import build_config
 from tensorpress.errors import InvalidOptionsError, InvalidTensorError, TensorpressError
 from tensorpress.formats import get_format
@@ -81,10 +82,11 @@ def _check_state_dict(state_dict: Mapping[str, Any]) -> None:
 
 
 def compress_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, Any],
     options: CompressionOptions | Mapping[str, Any] | None = None,
     *,
     module_types: ModuleTypes | None = None,
+    return_type: str = "torch",
 ) -> CompressedStateDict:
     """Compress a state dict into the tensors and config of a compressed-tensors checkpoint.
 
@@ -106,8 +108,13 @@ def compress_state_dict(
 
     Args:
         state_dict: tensor name -> tensor, as ``model.state_dict()`` returns.
+            Values may also be numpy arrays (bfloat16 and float8 through
+            ml_dtypes), and the mapping may be lazy, such as an open
+            ``safe_open`` file; see `tensorpress.arrays.as_tensor_mapping`.
         options: `CompressionOptions`, its dict form, or None for defaults.
         module_types: optional module name -> class name(s).
+        return_type: "torch" for torch tensors, or "numpy" for numpy arrays
+            (bfloat16 and float8 outputs then need ml_dtypes).
 
     Returns:
         `CompressedStateDict` with the tensors to write and the config entry.
@@ -129,14 +136,21 @@ def compress_state_dict(
         'pack-quantized'
     """
     options = _coerce_options(options)
-    _check_state_dict(state_dict)
+    check_return_type(return_type)
+    # Numpy arrays become tensors and lazy sources are read on access; both
+    # raise InvalidTensorError for names and values _check_state_dict rejects.
+    state_dict = as_tensor_mapping(state_dict)
     _reject_unimplemented_sparsity(options)
 
     module_classes = prepare_module_classes(state_dict, module_types)
     plan = plan_compression(
         module_classes, options.quantization, force_format=forced_format(options)
     )
-    return compress_with_plan(state_dict, plan, options, module_classes=module_classes)
+    result = compress_with_plan(state_dict, plan, options, module_classes=module_classes)
+    if return_type == "numpy":
+        numpy_tensors = MappingProxyType(to_numpy_mapping(result.tensors))
+        return CompressedStateDict(tensors=numpy_tensors, config=result.config)
+    return result
 
 
 def compress_with_plan(
