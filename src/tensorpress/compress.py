@@ -13,6 +13,7 @@ from compressed_tensors.quantization import QuantizationScheme, QuantizationStat
 
 from tensorpress.arrays import as_tensor_mapping, check_return_type, to_numpy_mapping
 from tensorpress.config import build_config
+from tensorpress.experts import split_fused_experts
 from tensorpress.errors import InvalidOptionsError, InvalidTensorError, TensorpressError
 from tensorpress.formats import get_format
 from tensorpress.modules import (
@@ -21,6 +22,7 @@ from tensorpress.modules import (
     module_tensors,
     prepare_module_classes,
     require_activation_qparams,
+    require_kv_cache_scales,
     shared_global_scales,
 )
 from tensorpress.names import ModuleTypes, group_by_module, split_name
@@ -87,6 +89,7 @@ def compress_state_dict(
     *,
     module_types: ModuleTypes | None = None,
     return_type: str = "torch",
+    model_type: str | None = None,
 ) -> CompressedStateDict:
     """Compress a state dict into the tensors and config of a compressed-tensors checkpoint.
 
@@ -115,6 +118,10 @@ def compress_state_dict(
         module_types: optional module name -> class name(s).
         return_type: "torch" for torch tensors, or "numpy" for numpy arrays
             (bfloat16 and float8 outputs then need ml_dtypes).
+        model_type: config.json's ``model_type`` ("qwen3_moe", "mixtral", ...),
+            which selects how fused 3-D expert tensors split and how names
+            are saved (see `tensorpress.experts`). None splits experts by
+            transformers' default layout, checked against their shapes.
 
     Returns:
         `CompressedStateDict` with the tensors to write and the config entry.
@@ -142,11 +149,20 @@ def compress_state_dict(
     state_dict = as_tensor_mapping(state_dict)
     _reject_unimplemented_sparsity(options)
 
-    module_classes = prepare_module_classes(state_dict, module_types)
+    experts = split_fused_experts(state_dict, module_types, model_type)
+    module_classes = prepare_module_classes(experts.state_dict, experts.module_types)
     plan = plan_compression(
-        module_classes, options.quantization, force_format=forced_format(options)
+        module_classes,
+        options.quantization,
+        force_format=forced_format(options),
+        aliases=experts.aliases(module_classes),
     )
-    result = compress_with_plan(state_dict, plan, options, module_classes=module_classes)
+    require_kv_cache_scales(experts.state_dict, module_classes, plan.kv_cache_scheme)
+    experts.rename_ignore(plan)
+    result = compress_with_plan(experts.state_dict, plan, options, module_classes=module_classes)
+    if experts.layout.renames or experts.split:
+        tensors = MappingProxyType(experts.checkpoint_tensors(result.tensors))
+        result = CompressedStateDict(tensors=tensors, config=result.config)
     if return_type == "numpy":
         numpy_tensors = MappingProxyType(to_numpy_mapping(result.tensors))
         return CompressedStateDict(tensors=numpy_tensors, config=result.config)
@@ -332,6 +348,7 @@ def _config_entry(
         ignore=plan.ignore,
         kv_cache_scheme=kv_cache_scheme,
         sparsity_config=sparsity_config,
+        transform_config=options.transform_config,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from compressed_tensors.quantization import (
@@ -31,6 +31,8 @@ __all__ = [
     "fill_weight_qparams",
     "shared_global_scales",
     "require_activation_qparams",
+    "attention_modules",
+    "require_kv_cache_scales",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -254,4 +256,60 @@ def require_activation_qparams(
                 f"{module}.{base}_scale is missing; static {base} activation "
                 "quantization needs a calibrated scale. Calibrate the model (for example "
                 "with llmcompressor) or use a scheme with dynamic activations"
+            )
+
+
+# Child modules that mark an attention module whose key/value cache
+# compressed-tensors quantizes (``_KV_CACHE_PROJECTION_NAMES`` in 0.19 and 0.20).
+_KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_b_proj")
+
+
+def attention_modules(
+    names: Iterable[str], module_classes: Mapping[str, tuple[str, ...]]
+) -> list[str]:
+    """Return the attention modules among the ancestors of `names`, in order of first appearance.
+
+    A module counts when it has a child named k_proj, v_proj, qkv_proj or
+    kv_b_proj and, where its classes are known, one of them contains
+    "Attention", the test compressed-tensors applies to a module tree.
+    """
+    found: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            if parts[depth] in _KV_PROJECTIONS:
+                found.setdefault(".".join(parts[:depth]), None)
+    result = []
+    for module in found:
+        classes = module_classes.get(module, ())
+        known = [cls for cls in classes if cls != "Module"]
+        if known and not any("attention" in cls.lower() for cls in known):
+            continue
+        result.append(module)
+    return result
+
+
+def require_kv_cache_scales(
+    state_dict: Mapping[str, torch.Tensor],
+    module_classes: Mapping[str, tuple[str, ...]],
+    kv_cache_scheme: QuantizationArgs | None,
+) -> None:
+    """Raise when a static KV-cache scheme lacks an attention module's k_scale or v_scale.
+
+    llmcompressor calibrates these scales on data and registers them on the
+    attention module, so they cannot be computed from the weights.
+    """
+    if kv_cache_scheme is None or kv_cache_scheme.dynamic is not False:
+        return
+    needed = ["k_scale", "v_scale"]
+    if not kv_cache_scheme.symmetric:
+        needed += ["k_zero_point", "v_zero_point"]
+    for module in attention_modules(state_dict, module_classes):
+        missing = [local for local in needed if f"{module}.{local}" not in state_dict]
+        if missing:
+            raise MissingTensorError(
+                f"attention module {module} lacks {', '.join(missing)}, which the static "
+                "kv_cache_scheme needs. Calibrate the model (for example with llmcompressor) "
+                "and pass its state dict with these tensors, or use a dynamic "
+                "kv_cache_scheme, or remove kv_cache_scheme"
             )

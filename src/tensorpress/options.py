@@ -51,6 +51,10 @@ class CompressionOptions(BaseModel):
         disable_sparse_compression: infer sparsity statistics but write dense.
         save_compressed: False writes float weights with their qparams
             (``quantization_status: "frozen"``), as llmcompressor does.
+        transform_config: the ``transform_config`` entry (rotations such as
+            Hadamard transforms, as compressed-tensors' TransformConfig
+            dumps it), written to the config unchanged. When None, a
+            ``transform_config`` key of a `quantization` dict is used.
 
     The options copy the quantization config they are given, so later changes
     to the caller's object do not leak in.
@@ -69,6 +73,7 @@ class CompressionOptions(BaseModel):
     skip_sparsity_compression_stats: bool = True
     disable_sparse_compression: bool = False
     save_compressed: bool = True
+    transform_config: dict[str, Any] | None = None
 
     def __init__(self, **data: Any) -> None:
         # pydantic wraps validator errors in ValidationError; callers catch
@@ -112,6 +117,31 @@ class CompressionOptions(BaseModel):
             ) from None
         config = QuantizationConfig(config_groups={"group_0": preset}, ignore=list(ignore))
         return cls(quantization=config, **options)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _take_transform_config(cls, data: Any) -> Any:
+        # A config.json entry carries transform_config beside the quantization
+        # fields; QuantizationConfig would drop it.
+        if isinstance(data, dict) and data.get("transform_config") is None:
+            quantization = data.get("quantization")
+            if isinstance(quantization, dict) and quantization.get("transform_config"):
+                data = {**data, "transform_config": quantization["transform_config"]}
+        return data
+
+    @field_validator("transform_config", mode="before")
+    @classmethod
+    def _copy_transform_config(cls, value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        if not isinstance(value, dict):
+            raise InvalidOptionsError(
+                f"transform_config must be a dict or a compressed-tensors TransformConfig, "
+                f"not {type(value).__name__}"
+            )
+        return copy.deepcopy(value)
 
     @field_validator("quantization", mode="before")
     @classmethod

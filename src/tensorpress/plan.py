@@ -19,7 +19,7 @@ from compressed_tensors.quantization.quant_config import get_vllm_module_type
 
 from tensorpress.errors import UnsupportedFormatError
 from tensorpress.formats.quantized import QUANTIZED_FORMAT_NAMES, fits, infer_module_format
-from tensorpress.names import matches, matching_targets
+from tensorpress.names import match_name, matches, matching_targets
 
 __all__ = [
     "ModulePlan",
@@ -63,6 +63,7 @@ def plan_compression(
     config: QuantizationConfig | None,
     *,
     force_format: str | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> CompressionPlan:
     """Match every module against `config` as compressed-tensors does.
 
@@ -73,6 +74,12 @@ def plan_compression(
     ignore list written to the config names every module of a quantized
     class (by vLLM's reading: routers and gates count as Linear) that was
     left unquantized, as ``QuantizationConfig.from_pretrained`` does.
+
+    `aliases` maps a module name to its name in the checkpoint where the two
+    differ (transformers renames Mixtral's ``mlp`` to ``block_sparse_moe`` on
+    save). Target and ignore entries match either name, because callers
+    write them against the model and configs read back from checkpoints use
+    the saved names.
     """
     if config is None:
         return CompressionPlan()
@@ -85,8 +92,9 @@ def plan_compression(
             target_to_scheme[target] = scheme
     ignore_entries = list(config.ignore or [])
 
+    aliases = aliases or {}
     assigned = {
-        name: _scheme_for(name, classes, target_to_scheme, ignore_entries)
+        name: _scheme_for(name, classes, target_to_scheme, ignore_entries, aliases.get(name))
         for name, classes in module_classes.items()
     }
     plan = plan_from_schemes(module_classes, assigned, force_format=force_format)
@@ -186,12 +194,16 @@ def _scheme_for(
     classes: tuple[str, ...],
     target_to_scheme: Mapping[str, QuantizationScheme],
     ignore: Iterable[str],
+    alias: str | None = None,
 ) -> QuantizationScheme | None:
     if not _is_compressible(classes):
         return None
-    if not matches(name, classes, target_to_scheme):
+    names = (name,) if alias is None else (name, alias)
+    if not any(matches(each, classes, target_to_scheme) for each in names):
         return None
-    if matches(name, classes, ignore):
+    if any(matches(each, classes, ignore) for each in names):
         return None
-    best = matching_targets(name, classes, target_to_scheme)[0]
-    return target_to_scheme[best]
+    # An exact name or regex matching either name beats a class target.
+    found = [target for each in names for target in matching_targets(each, classes, target_to_scheme)]
+    by_name = [target for target in found if any(match_name(each, target) for each in names)]
+    return target_to_scheme[(by_name or found)[0]]

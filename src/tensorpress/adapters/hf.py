@@ -12,15 +12,17 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from huggingface_hub.serialization._base import parse_size_to_int
 
 from tensorpress.compress import CompressedStateDict, compress_with_plan, forced_format
 from tensorpress.errors import InvalidOptionsError
-from tensorpress.modules import prepare_module_classes
+from tensorpress.experts import split_fused_experts
+from tensorpress.modules import attention_modules, prepare_module_classes, require_kv_cache_scales
 from tensorpress.options import CompressionOptions
 from tensorpress.plan import plan_compression, plan_from_schemes, with_default_observers
 from tensorpress.sparsity import check_sparsity_options
@@ -70,6 +72,24 @@ def _attached_schemes(model: torch.nn.Module) -> dict[str, QuantizationScheme]:
         for name, module in model.named_modules()
         if isinstance(getattr(module, "quantization_scheme", None), QuantizationScheme)
     }
+
+
+def _attached_kv_cache_scheme(model: torch.nn.Module) -> QuantizationArgs | None:
+    """Return the KV-cache args that compressed-tensors attached to attention modules, if any.
+
+    compressed-tensors gives each attention module a scheme whose input
+    activations are the kv_cache_scheme and which has no weights.
+    """
+    module_classes = module_types_of(model)
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if not isinstance(scheme, QuantizationScheme) or scheme.weights is not None:
+            continue
+        if scheme.input_activations is not None and name in attention_modules(
+            (f"{name}.{child}" for child, _ in module.named_children()), module_classes
+        ):
+            return scheme.input_activations.model_copy(deep=True)
+    return None
 
 
 def _check_transformers_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +145,7 @@ def save_pretrained(
     save_compressed: bool = True,
     skip_sparsity_compression_stats: bool = True,
     disable_sparse_compression: bool = False,
+    transform_config: dict[str, Any] | None = None,
     is_main_process: bool = True,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -153,8 +174,8 @@ def save_pretrained(
             ``config`` attribute works).
         save_directory: the folder to write.
         quantization, quantization_format, sparsity_config, save_compressed,
-        skip_sparsity_compression_stats, disable_sparse_compression: see
-            `CompressionOptions`.
+        skip_sparsity_compression_stats, disable_sparse_compression,
+        transform_config: see `CompressionOptions`.
         is_main_process, state_dict, max_shard_size, variant: as in
             transformers. Other transformers arguments that only matter for
             hub uploads (token, ...) are accepted and ignored; push_to_hub,
@@ -203,11 +224,14 @@ def save_pretrained(
         save_compressed=save_compressed,
         skip_sparsity_compression_stats=skip_sparsity_compression_stats,
         disable_sparse_compression=disable_sparse_compression,
+        transform_config=transform_config,
     )
 
     tensors = deduplicate_tied(state_dict if state_dict is not None else model.state_dict())
-    module_types = module_types_of(model)
-    module_classes = prepare_module_classes(tensors, module_types)
+    # transformers 5 holds experts fused; write them per expert, under saved names.
+    experts = split_fused_experts(tensors, module_types_of(model), getattr(model.config, "model_type", None))
+    tensors = experts.state_dict
+    module_classes = prepare_module_classes(tensors, experts.module_types)
 
     attached = _attached_schemes(model) if quantization is None else {}
     if attached:
@@ -216,13 +240,23 @@ def save_pretrained(
         by_identity = {id(scheme): copy_ for scheme, copy_ in zip(attached.values(), schemes.values())}
         shared = {name: by_identity[id(scheme)] for name, scheme in attached.items()}
         plan = plan_from_schemes(module_classes, shared, force_format=forced_format(options))
+        plan.kv_cache_scheme = _attached_kv_cache_scheme(model)
     else:
         plan = plan_compression(
-            module_classes, options.quantization, force_format=forced_format(options)
+            module_classes,
+            options.quantization,
+            force_format=forced_format(options),
+            aliases=experts.aliases(module_classes),
         )
 
     check_sparsity_options(options)
+    require_kv_cache_scales(tensors, module_classes, plan.kv_cache_scheme)
+    experts.rename_ignore(plan)
     result = compress_with_plan(tensors, plan, options, module_classes=module_classes)
+    if experts.layout.renames or experts.split:
+        result = CompressedStateDict(
+            tensors=MappingProxyType(experts.checkpoint_tensors(result.tensors)), config=result.config
+        )
 
     if not is_main_process:
         return result

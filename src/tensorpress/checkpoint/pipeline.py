@@ -22,6 +22,7 @@ from tensorpress.checkpoint.shards import Spool, dtype_from_name, write_shards
 from tensorpress.checkpoint.source import CheckpointSource, TensorInfo, find_pickle_files, open_checkpoint
 from tensorpress.compress import check_options, compress_module, config_entry, decompress_state_dict, forced_format
 from tensorpress.errors import CheckpointError, InvalidOptionsError
+from tensorpress.experts import checkpoint_module_types
 from tensorpress.modules import prepare_module_classes, shared_global_scales
 from tensorpress.names import group_by_module
 from tensorpress.options import CompressionOptions
@@ -124,9 +125,15 @@ def compress_checkpoint(
         source = _open_source(source_dir, staging, allow_pickle)
         kinds = module_kinds_from_config(source_dir)
         logger.info("module classes for %s: %s", source_dir, kinds.source)
-        module_classes = prepare_module_classes(_meta_view(source), kinds.module_types)
+        module_types, layout = checkpoint_module_types(kinds.module_types, (config_json or {}).get("model_type"))
+        module_classes = prepare_module_classes(_meta_view(source), module_types)
         _log_unknown_modules(source, kinds)
-        plan = plan_compression(module_classes, options.quantization, force_format=forced_format(options))
+        plan = plan_compression(
+            module_classes,
+            options.quantization,
+            force_format=forced_format(options),
+            aliases=layout.model_aliases(module_classes),
+        )
         global_scales = shared_global_scales(source, _fused_only(plan))
 
         def transform(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
