@@ -11,9 +11,12 @@ from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationScheme,
     QuantizationStrategy,
+    QuantizationType,
 )
+from compressed_tensors.quantization.utils import calculate_range
 
 from tensorpress.errors import InvalidTensorError, MissingTensorError
+from tensorpress.formats.actorder import check_g_idx
 from tensorpress.names import ModuleTypes, class_names, group_by_module, infer_module_kind
 from tensorpress.plan import CompressionPlan
 from tensorpress.qparams import (
@@ -90,6 +93,11 @@ def check_weight(module: str, weight: torch.Tensor, scheme: QuantizationScheme) 
             f"{name} has shape {tuple(weight.shape)}; quantized weights must be 2-D "
             "(rows, columns). Add the module to the ignore list"
         )
+    if weight.numel() == 0:
+        raise InvalidTensorError(
+            f"{name} has shape {tuple(weight.shape)} and no elements, so there is nothing "
+            "to quantize; add the module to the ignore list"
+        )
     if not bool(torch.isfinite(weight).all()):
         count = int((~torch.isfinite(weight)).sum())
         raise InvalidTensorError(
@@ -153,10 +161,12 @@ def fill_weight_qparams(
         )
         for local, value in computed.items():
             tensors.setdefault(local, value)
+        _check_g_idx(module, tensors, args)
         return tensors
 
     scale = tensors["weight_scale"]
     _check_qparam(module, "weight_scale", scale, expected, floating=True)
+    _check_positive(module, "weight_scale", scale)
     if not args.symmetric:
         if "weight_zero_point" not in tensors:
             raise MissingTensorError(
@@ -164,15 +174,64 @@ def fill_weight_qparams(
                 f"needs it beside {module}.weight_scale (or drop both to compute them "
                 "from min/max)"
             )
-        _check_qparam(
-            module, "weight_zero_point", tensors["weight_zero_point"], expected, floating=None
-        )
-    if _needs_global_scale(args) and "weight_global_scale" not in tensors:
-        raise MissingTensorError(
-            f"{module}.weight_global_scale is missing; the tensor_group scheme needs it "
-            f"beside {module}.weight_scale (or drop both to compute them from min/max)"
-        )
+        zero_point = tensors["weight_zero_point"]
+        _check_qparam(module, "weight_zero_point", zero_point, expected, floating=None)
+        _check_zero_point_range(module, "weight_zero_point", zero_point, args)
+    if _needs_global_scale(args):
+        if "weight_global_scale" not in tensors:
+            raise MissingTensorError(
+                f"{module}.weight_global_scale is missing; the tensor_group scheme needs it "
+                f"beside {module}.weight_scale (or drop both to compute them from min/max)"
+            )
+        global_scale = tensors["weight_global_scale"]
+        _check_qparam(module, "weight_global_scale", global_scale, (1,), floating=True)
+        _check_positive(module, "weight_global_scale", global_scale)
+    _check_g_idx(module, tensors, args)
     return tensors
+
+
+def _check_g_idx(module: str, tensors: Mapping[str, torch.Tensor], args: QuantizationArgs) -> None:
+    if "weight_g_idx" in tensors and args.strategy == QuantizationStrategy.GROUP:
+        columns = tensors["weight"].shape[-1]
+        groups = tensors["weight_scale"].shape[-1]
+        check_g_idx(f"{module}.weight_g_idx", tensors["weight_g_idx"], columns, groups)
+
+
+def _check_positive(module: str, local: str, tensor: torch.Tensor) -> None:
+    """Reject scales that are not finite and positive: quantizing divides by them."""
+    values = tensor.float()
+    bad = ~(torch.isfinite(values) & (values > 0))
+    if bool(bad.any()):
+        first = values[bad].flatten()[0].item()
+        raise InvalidTensorError(
+            f"{module}.{local} contains {int(bad.sum())} value(s) that are not finite and "
+            f"positive (first: {first}); a scale must be > 0. Recompute the qparams, or "
+            "drop them to compute them from min/max"
+        )
+
+
+def _check_zero_point_range(
+    module: str, local: str, zero_point: torch.Tensor, args: QuantizationArgs
+) -> None:
+    """Reject integer zero points that are fractional or outside the quantized range."""
+    if args.type != QuantizationType.INT:
+        return
+    if zero_point.dtype.is_complex or zero_point.dtype == torch.bool:
+        raise InvalidTensorError(
+            f"{module}.{local} has dtype {zero_point.dtype}; a zero point must be an "
+            "integer tensor"
+        )
+    q_min, q_max = (int(bound) for bound in calculate_range(args, torch.device("cpu")))
+    values = zero_point.double()
+    inside = torch.isfinite(values) & (values == values.round())
+    inside &= (values >= q_min) & (values <= q_max)
+    if not bool(inside.all()):
+        first = zero_point[~inside].flatten()[0].item()
+        raise InvalidTensorError(
+            f"{module}.{local} contains {int((~inside).sum())} value(s) that are not "
+            f"integers in [{q_min}, {q_max}], the {args.num_bits}-bit range (first: "
+            f"{first}); recompute the qparams, or drop them to compute them from min/max"
+        )
 
 
 def _check_qparam(
@@ -226,10 +285,13 @@ def shared_global_scales(
                 if all(f"{sibling}.weight" in state_dict for sibling in siblings):
                     partners = [sibling for sibling in siblings if sibling in needing]
                 break
-        stats = [
-            group_min_max(state_dict[f"{partner}.weight"], needing[partner], partner)
-            for partner in partners
-        ]
+        stats = []
+        for partner in partners:
+            weight = state_dict[f"{partner}.weight"]
+            # Check before taking min/max, which fails on empty weights and
+            # would spread a NaN to every partner's scale.
+            check_weight(partner, weight, plan.modules[partner].scheme)
+            stats.append(group_min_max(weight, needing[partner], partner))
         shared = global_scale_from_min_max(stats)
         for partner in partners:
             scales[partner] = shared
@@ -249,6 +311,10 @@ def require_activation_qparams(
                 "needs a calibrated global scale. Calibrate the model (for example with "
                 "llmcompressor) or use a scheme with dynamic activations"
             )
+        if args.strategy == QuantizationStrategy.TENSOR_GROUP:
+            _check_activation_scale(
+                module, f"{base}_global_scale", tensors[f"{base}_global_scale"], None
+            )
         if args.dynamic == DynamicType.LOCAL:
             continue
         if f"{base}_scale" not in tensors:
@@ -257,6 +323,45 @@ def require_activation_qparams(
                 "quantization needs a calibrated scale. Calibrate the model (for example "
                 "with llmcompressor) or use a scheme with dynamic activations"
             )
+        _check_activation_scale(module, f"{base}_scale", tensors[f"{base}_scale"], args)
+        if not args.symmetric:
+            if f"{base}_zero_point" not in tensors:
+                raise MissingTensorError(
+                    f"{module}.{base}_zero_point is missing; the static asymmetric {base} "
+                    "activation scheme needs a calibrated zero point beside "
+                    f"{module}.{base}_scale. Calibrate the model or use a symmetric scheme"
+                )
+            zero_point = tensors[f"{base}_zero_point"]
+            if zero_point.shape != tensors[f"{base}_scale"].shape:
+                raise InvalidTensorError(
+                    f"{module}.{base}_zero_point has shape {tuple(zero_point.shape)} but "
+                    f"{module}.{base}_scale has {tuple(tensors[f'{base}_scale'].shape)}; "
+                    "they must match. Recompute the activation qparams"
+                )
+            _check_zero_point_range(module, f"{base}_zero_point", zero_point, args)
+
+
+def _check_activation_scale(
+    module: str, local: str, scale: torch.Tensor, args: QuantizationArgs | None
+) -> None:
+    """Check a calibrated activation scale: a float tensor of positive, finite values.
+
+    A per-tensor scale (`args` with the "tensor" strategy, or None for a
+    global scale) must hold one value; llmcompressor stores it with shape (1,).
+    """
+    name = f"{module}.{local}"
+    if not scale.dtype.is_floating_point:
+        raise InvalidTensorError(
+            f"{name} has dtype {scale.dtype} but a scale must be a float tensor; pass the "
+            "calibrated float scale"
+        )
+    per_tensor = args is None or args.strategy == QuantizationStrategy.TENSOR
+    if per_tensor and (scale.numel() != 1 or scale.dim() > 1):
+        raise InvalidTensorError(
+            f"{name} has shape {tuple(scale.shape)} but a per-tensor scale contains one value, "
+            "shape (1,); pass the calibrated per-tensor scale"
+        )
+    _check_positive(module, local, scale)
 
 
 # Child modules that mark an attention module whose key/value cache

@@ -21,7 +21,7 @@ from compressed_tensors.quantization.lifecycle.forward import dequantize
 from tensorpress.errors import InvalidTensorError
 from tensorpress.formats import ModuleTensors
 
-__all__ = ["ACTORDER_FORMATS", "compress_with_g_idx", "decompress_with_g_idx"]
+__all__ = ["ACTORDER_FORMATS", "check_g_idx", "compress_with_g_idx", "decompress_with_g_idx"]
 
 # Integer formats whose group scales can follow a column-to-group map.
 ACTORDER_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
@@ -33,23 +33,31 @@ def _elementwise(scheme: QuantizationScheme) -> QuantizationScheme:
     return elementwise
 
 
-def _checked_g_idx(tensors: ModuleTensors, columns: int, groups: int) -> torch.Tensor:
-    g_idx = tensors["weight_g_idx"]
+def check_g_idx(name: str, g_idx: torch.Tensor, columns: int, groups: int) -> None:
+    """Reject a column-to-group map that is not integer, has the wrong length or indexes no group.
+
+    `name` is the tensor's full name for messages, such as "layer.weight_g_idx".
+    """
     if g_idx.dtype.is_floating_point or g_idx.dtype.is_complex or g_idx.dtype == torch.bool:
         raise InvalidTensorError(
-            f"weight_g_idx has dtype {g_idx.dtype}; it must be an integer tensor "
+            f"{name} has dtype {g_idx.dtype}; it must be an integer tensor "
             "mapping each column to its group"
         )
     if tuple(g_idx.shape) != (columns,):
         raise InvalidTensorError(
-            f"weight_g_idx has shape {tuple(g_idx.shape)}; it needs one group index per "
+            f"{name} has shape {tuple(g_idx.shape)}; it needs one group index per "
             f"weight column, shape ({columns},)"
         )
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise InvalidTensorError(
-            f"weight_g_idx holds group indices outside [0, {groups}); it must index the "
-            f"{groups} columns of weight_scale"
+            f"{name} holds group indices outside [0, {groups}); it must index the "
+            f"{groups} columns of the weight scale"
         )
+
+
+def _checked_g_idx(tensors: ModuleTensors, columns: int, groups: int) -> torch.Tensor:
+    g_idx = tensors["weight_g_idx"]
+    check_g_idx("weight_g_idx", g_idx, columns, groups)
     return g_idx.long()
 
 
