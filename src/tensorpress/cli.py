@@ -3,6 +3,10 @@
 Exit status: 0 on success, 1 when tensorpress rejects the input or the
 folder fails verification (the message goes to stderr, without a
 traceback), 2 for usage errors (argparse's own status).
+
+Under ``torchrun --nproc_per_node=N -m tensorpress compress ...`` (or
+decompress) the ranks split the work (see `tensorpress.distributed`); only
+rank 0 prints the result and shows progress bars.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tensorpress.distributed import Ranks, ranks_from_environment
 from tensorpress.errors import InvalidOptionsError, TensorpressError
 
 __all__ = ["main", "build_parser"]
@@ -93,7 +99,7 @@ class _ProgressBars:
             bar.close()
 
 
-def _compress(args: argparse.Namespace, progress: _ProgressBars) -> int:
+def _compress(args: argparse.Namespace, progress: _ProgressBars, ranks: Ranks | None) -> int:
     from tensorpress.checkpoint import compress_checkpoint
     from tensorpress.options import CompressionOptions
 
@@ -112,24 +118,39 @@ def _compress(args: argparse.Namespace, progress: _ProgressBars) -> int:
             workers=args.workers,
             progress=progress,
             allow_pickle=args.allow_pickle,
+            ranks=ranks,
         )
     except InvalidOptionsError as error:
         if args.sparsity:
             raise InvalidOptionsError(f"--sparsity {args.sparsity}: {error}") from None
         raise
-    print(f"wrote {result.path} ({', '.join(result.weight_files)})")
-    print(f"module classes: {result.module_kinds}")
+    if ranks is None or ranks.is_main:
+        print(f"wrote {result.path} ({', '.join(result.weight_files)})")
+        print(f"module classes: {result.module_kinds}")
     return 0
 
 
-def _decompress(args: argparse.Namespace, progress: _ProgressBars) -> int:
+def _decompress(args: argparse.Namespace, progress: _ProgressBars, ranks: Ranks | None) -> int:
     from tensorpress.checkpoint import decompress_checkpoint
 
     result = decompress_checkpoint(
-        args.source, args.destination, max_shard_size=args.max_shard_size, workers=args.workers, progress=progress
+        args.source,
+        args.destination,
+        max_shard_size=args.max_shard_size,
+        workers=args.workers,
+        progress=progress,
+        ranks=ranks,
     )
-    print(f"wrote {result.path} ({', '.join(result.weight_files)})")
+    if ranks is None or ranks.is_main:
+        print(f"wrote {result.path} ({', '.join(result.weight_files)})")
     return 0
+
+
+def _log_format() -> str:
+    # Under torchrun every rank logs to the same terminal, so name the rank.
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        return f"%(levelname)s: rank {os.environ.get('RANK', '?')}: %(message)s"
+    return "%(levelname)s: %(message)s"
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -172,15 +193,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=_log_format())
     if quiet:
         logging.getLogger().setLevel(logging.ERROR)
     progress = _ProgressBars(enabled=not quiet and sys.stderr.isatty())
     try:
-        if args.command == "compress":
-            return _compress(args, progress)
-        if args.command == "decompress":
-            return _decompress(args, progress)
+        if args.command in ("compress", "decompress"):
+            with ranks_from_environment() as ranks:
+                if ranks is not None and not ranks.is_main:
+                    progress.enabled = False
+                if args.command == "compress":
+                    return _compress(args, progress, ranks)
+                return _decompress(args, progress, ranks)
         if args.command == "inspect":
             return _inspect(args)
         return _verify(args)

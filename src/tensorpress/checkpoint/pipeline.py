@@ -21,6 +21,7 @@ from tensorpress.checkpoint.pickle import convert_pickle_checkpoint
 from tensorpress.checkpoint.shards import Spool, dtype_from_name, write_shards
 from tensorpress.checkpoint.source import CheckpointSource, TensorInfo, find_pickle_files, open_checkpoint
 from tensorpress.compress import check_options, compress_module, config_entry, decompress_state_dict, forced_format
+from tensorpress.distributed import Ranks
 from tensorpress.errors import CheckpointError, InvalidOptionsError
 from tensorpress.experts import checkpoint_module_types
 from tensorpress.modules import prepare_module_classes, shared_global_scales
@@ -28,7 +29,7 @@ from tensorpress.names import group_by_module
 from tensorpress.options import CompressionOptions
 from tensorpress.plan import CompressionPlan, plan_compression
 from tensorpress.qparams import FUSED_PROJECTIONS
-from tensorpress.writer import atomic_directory, is_weight_file, write_json
+from tensorpress.writer import is_weight_file, write_json
 
 __all__ = ["CheckpointResult", "Progress", "compress_checkpoint", "decompress_checkpoint"]
 
@@ -76,6 +77,7 @@ def compress_checkpoint(
     workers: int = 1,
     progress: Progress | None = None,
     allow_pickle: bool = False,
+    ranks: Ranks | None = None,
 ) -> CheckpointResult:
     """Compress a checkpoint folder into a new compressed-tensors folder, a module at a time.
 
@@ -105,6 +107,9 @@ def compress_checkpoint(
         progress: called as progress(stage, done, total).
         allow_pickle: convert .bin/.pt weights with
             ``torch.load(weights_only=True)`` when the folder has no safetensors.
+        ranks: the processes that share the work, from
+            `tensorpress.distributed.ranks_from_environment` under torchrun.
+            Every rank makes the same call; the bytes equal one process's.
 
     Raises:
         CheckpointError: the folder is missing, unreadable, pickle-only or
@@ -121,8 +126,9 @@ def compress_checkpoint(
             "checkpoint, or decompress this one first (tensorpress decompress SRC DST)"
         )
 
-    with atomic_directory(output_dir) as staging:
-        source = _open_source(source_dir, staging, allow_pickle)
+    ranks = ranks or Ranks()
+    with ranks.output_directory(output_dir) as staging:
+        source = _open_source(source_dir, staging, allow_pickle, ranks)
         kinds = module_kinds_from_config(source_dir)
         logger.info("module classes for %s: %s", source_dir, kinds.source)
         module_types, layout = checkpoint_module_types(kinds.module_types, (config_json or {}).get("model_type"))
@@ -134,7 +140,10 @@ def compress_checkpoint(
             force_format=forced_format(options),
             aliases=layout.model_aliases(module_classes),
         )
-        global_scales = shared_global_scales(source, _fused_only(plan))
+        owned = ranks.assign_modules(_module_sizes(source, set(plan.modules)))
+        global_scales = ranks.run(
+            lambda: shared_global_scales(source, _fused_only(plan, owned)), "read fused partner weights"
+        )
 
         def transform(module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return compress_module(module, tensors, plan, options, global_scale=global_scales.get(module))
@@ -145,12 +154,13 @@ def compress_checkpoint(
             source,
             staging,
             transform,
-            selected=set(plan.modules),
+            selected=owned,
             stage="compress",
             config_json=_with_quantization(config_json, entry),
             max_shard_size=max_shard_size,
             workers=workers,
             progress=progress,
+            ranks=ranks,
         )
     logger.info("wrote %s (%d weight files)", output_dir, len(files))
     return CheckpointResult(path=output_dir, config=entry, weight_files=files, module_kinds=kinds.source)
@@ -164,13 +174,15 @@ def decompress_checkpoint(
     max_shard_size: int | str = "5GB",
     workers: int = 1,
     progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> CheckpointResult:
     """Write a dense copy of a compressed-tensors folder that transformers loads without quantization.
 
     Each quantized module gets its dequantized ``weight`` and loses its
     qparams; config.json loses its ``quantization_config``. Dequantized
     weights are cast to `dtype`, or when it is None to the ``dtype`` (or
-    ``torch_dtype``) that config.json names.
+    ``torch_dtype``) that config.json names. `ranks` splits the work as in
+    `compress_checkpoint`.
 
     Raises:
         CheckpointError: the folder is missing or has no quantization_config.
@@ -187,7 +199,8 @@ def decompress_checkpoint(
     if dtype is None:
         dtype = _CONFIG_DTYPES.get(config_json.get("dtype") or config_json.get("torch_dtype"))
 
-    with atomic_directory(output_dir) as staging:
+    ranks = ranks or Ranks()
+    with ranks.output_directory(output_dir) as staging:
         source = open_checkpoint(source_dir)
         kinds = module_kinds_from_config(source_dir)
         logger.info("module classes for %s: %s", source_dir, kinds.source)
@@ -203,12 +216,13 @@ def decompress_checkpoint(
             source,
             staging,
             transform,
-            selected=_quantized_modules(source),
+            selected=ranks.assign_modules(_module_sizes(source, _quantized_modules(source))),
             stage="decompress",
             config_json=dense_config,
             max_shard_size=max_shard_size,
             workers=workers,
             progress=progress,
+            ranks=ranks,
         )
     return CheckpointResult(path=output_dir, config=None, weight_files=files, module_kinds=kinds.source)
 
@@ -250,10 +264,16 @@ def _with_quantization(config_json: dict[str, Any] | None, entry: dict[str, Any]
     return {**(config_json or {}), "quantization_config": entry}
 
 
-def _open_source(folder: Path, staging: Path, allow_pickle: bool) -> CheckpointSource:
+def _open_source(folder: Path, staging: Path, allow_pickle: bool, ranks: Ranks) -> CheckpointSource:
     has_safetensors = any(folder.glob("*.safetensors"))
     if not has_safetensors and allow_pickle and find_pickle_files(folder):
-        return convert_pickle_checkpoint(folder, staging / _PICKLE_SCRATCH)
+        # Rank 0 converts; the other ranks open its files once it is done.
+        scratch = staging / _PICKLE_SCRATCH
+        converted = ranks.run(
+            lambda: convert_pickle_checkpoint(folder, scratch) if ranks.is_main else None,
+            "convert pickle weights",
+        )
+        return converted or open_checkpoint(scratch)
     return open_checkpoint(folder)
 
 
@@ -278,12 +298,29 @@ def _log_unknown_modules(source: CheckpointSource, kinds: ModuleKinds) -> None:
         )
 
 
-def _fused_only(plan: CompressionPlan) -> CompressionPlan:
+def _module_sizes(source: CheckpointSource, modules: set[str]) -> dict[str, int]:
+    """Return the input bytes of each of `modules`, in checkpoint order."""
+    return {
+        module: sum(source.tensors[name].nbytes for name in names)
+        for module, names in group_by_module(source.tensors).items()
+        if module in modules
+    }
+
+
+def _fused_only(plan: CompressionPlan, owned: set[str]) -> CompressionPlan:
     # Fused partners share a global scale, so their weights are read before
     # any of them is compressed. Every other module computes its scale from
-    # its own weight during compression, which gives the same value.
-    fused = {member for group in FUSED_PROJECTIONS for member in group}
-    modules = {name: entry for name, entry in plan.modules.items() if name.rpartition(".")[2] in fused}
+    # its own weight during compression, which gives the same value. A group
+    # is kept whole when this process compresses any of its members.
+    modules = {}
+    for name, entry in plan.modules.items():
+        parent, _, last = name.rpartition(".")
+        for group in FUSED_PROJECTIONS:
+            if last in group:
+                members = {f"{parent}.{member}" if parent else member for member in group}
+                if members & owned:
+                    modules[name] = entry
+                break
     return dataclasses.replace(plan, modules=modules)
 
 
@@ -310,25 +347,58 @@ def _write_folder(
     max_shard_size: int | str,
     workers: int,
     progress: Progress | None,
+    ranks: Ranks,
 ) -> list[str]:
-    spool = Spool(staging / _SPOOL_NAME)
+    """Transform this rank's `selected` modules and write this rank's shards.
+
+    Rank 0 writes the index, config.json and the other files once every
+    rank has written its shards.
+    """
+    spool = Spool(staging / ranks.spool_name(_SPOOL_NAME))
     try:
-        outputs = _transform_modules(source, spool, transform, selected, stage, workers, progress)
+        local = ranks.run(
+            lambda: _transform_modules(source, spool, transform, selected, stage, workers, progress),
+            f"{stage} its modules",
+        )
         spool.close()
+        results: dict[int, list[TensorInfo]] = {}
+        for part in ranks.all_gather(local):
+            results.update(part)
+        outputs = _collect_outputs(source, results)
 
         def report(done: int, total: int) -> None:
             if progress is not None:
                 progress("write", done, total)
 
-        files = write_shards(staging, outputs, max_shard_size=max_shard_size, progress=report)
+        def write_own_shards() -> list[str]:
+            return write_shards(
+                staging,
+                outputs,
+                max_shard_size=max_shard_size,
+                progress=report,
+                writes_shard=ranks.writes_shard,
+                write_index=False,
+            )
+
+        files = ranks.run(write_own_shards, "write its shards")
+        # Every rank is done reading the spools. Remove this one before rank
+        # 0 may rename the staging folder.
+        spool.path.unlink()
+
+        def finish() -> None:
+            if not ranks.is_main:
+                return
+            write_shards(staging, outputs, max_shard_size=max_shard_size, writes_shard=lambda number: False)
+            if config_json is not None:
+                write_json(staging / "config.json", config_json)
+            _copy_other_files(source_dir, source.weight_files, staging)
+
+        ranks.run(finish, "write the index and config.json")
     finally:
         spool.close()
         spool.path.unlink(missing_ok=True)
-        shutil.rmtree(staging / _PICKLE_SCRATCH, ignore_errors=True)
-
-    if config_json is not None:
-        write_json(staging / "config.json", config_json)
-    _copy_other_files(source_dir, source.weight_files, staging)
+        if ranks.is_main:
+            shutil.rmtree(staging / _PICKLE_SCRATCH, ignore_errors=True)
     return files
 
 
@@ -340,12 +410,11 @@ def _transform_modules(
     stage: str,
     workers: int,
     progress: Progress | None,
-) -> dict[str, TensorInfo]:
-    """Run `transform` on every selected module and return all output tensors in order.
+) -> dict[int, list[TensorInfo]]:
+    """Run `transform` on every selected module and return its output tensors by module position.
 
-    Unselected modules pass through without being read. Outputs go to the
-    spool as soon as a module is done, so at most a few modules' tensors are
-    in memory: one per worker plus one waiting per worker.
+    Outputs go to the spool as soon as a module is done, so at most a few
+    modules' tensors are in memory: one per worker plus one waiting per worker.
     """
     groups = list(group_by_module(source.tensors).items())
     total = sum(1 for module, _ in groups if module in selected)
@@ -387,9 +456,14 @@ def _transform_modules(
                     future.cancel()
                 raise
 
+    return {index: infos for index, infos in enumerate(results) if infos is not None}
+
+
+def _collect_outputs(source: CheckpointSource, results: Mapping[int, list[TensorInfo]]) -> dict[str, TensorInfo]:
+    """Return every output tensor in checkpoint order; modules without results pass through unread."""
     outputs: dict[str, TensorInfo] = {}
-    for index, (module, names) in enumerate(groups):
-        infos = results[index]
+    for index, (module, names) in enumerate(group_by_module(source.tensors).items()):
+        infos = results.get(index)
         if infos is None:
             infos = [source.tensors[name] for name in names]
         for info in infos:

@@ -134,13 +134,23 @@ def write_shards(
     max_shard_size: int | str,
     filename_pattern: str = "model{suffix}.safetensors",
     progress: Callable[[int, int], None] | None = None,
+    writes_shard: Callable[[int], bool] | None = None,
+    write_index: bool = True,
 ) -> list[str]:
     """Write `infos` (in order) as shards plus an index, as tensorpress.writer does.
 
     The split is huggingface_hub's ``split_state_dict_into_shards_factory``
     over the tensors' byte sizes, so the files and the index equal what
     ``write_safetensors_shards`` writes for the same tensors in the same
-    order. `progress` gets (shards written, shard count).
+    order. Returns the names of every shard and of the index, including
+    those skipped here.
+
+    Args:
+        writes_shard: when given, only shards whose number (counting from 0)
+            it accepts are written, so that several processes can share the
+            files.
+        write_index: write the index file (when there is more than one shard).
+        progress: gets (shards written, shards this call writes).
     """
     split = split_state_dict_into_shards_factory(
         dict(infos),
@@ -148,16 +158,18 @@ def write_shards(
         filename_pattern=filename_pattern,
         max_shard_size=max_shard_size,
     )
-    written = []
-    total = len(split.filename_to_tensors)
-    for number, (filename, names) in enumerate(split.filename_to_tensors.items(), start=1):
-        write_shard(folder / filename, [infos[name] for name in names])
-        written.append(filename)
+    names = list(split.filename_to_tensors)
+    mine = [number for number in range(len(names)) if writes_shard is None or writes_shard(number)]
+    for done, number in enumerate(mine, start=1):
+        filename = names[number]
+        write_shard(folder / filename, [infos[name] for name in split.filename_to_tensors[filename]])
         if progress is not None:
-            progress(number, total)
+            progress(done, len(mine))
+    written = list(names)
     if split.is_sharded:
         index_name = filename_pattern.format(suffix="") + ".index.json"
-        index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
-        write_json(folder / index_name, index)
+        if write_index:
+            index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
+            write_json(folder / index_name, index)
         written.append(index_name)
     return written
