@@ -1,9 +1,11 @@
-"""Quantized formats, delegated to compressed-tensors' own compressors.
+"""Quantized formats, with compressed-tensors' own compressors as the reference.
 
 compressed-tensors 0.20 compressors are pure classmethods over a module's
 local state dict, so they define the exact bytes; this module adapts them to
 the format registry and infers a module's format the way compressed-tensors
-does (first match in its priority order).
+does (first match in its priority order). For the int, fp8 and fp4 formats
+on CPU, the kernels in `tensorpress.formats.fast` compute the same bytes
+faster; whatever they do not cover goes to compressed-tensors.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import COMPRESSION_FORMAT_PRIORITY
 from compressed_tensors.compressors.mxfp6.helpers import unpack_fp6_from_uint8
-from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import dequantize
 
-from tensorpress.formats import Format, ModuleTensors, register_format
+from tensorpress.formats import Format, ModuleTensors, fast, register_format
 from tensorpress.formats.actorder import (
     ACTORDER_FORMATS,
     compress_with_g_idx,
@@ -71,17 +73,30 @@ def _decompress_packed_float(
     tensors = dict(tensors)
     packed = tensors.pop("weight_packed")
     rows, packed_columns = packed.shape
-    unpacked = unpack(packed, rows, round(packed_columns * values_per_element), dtype=dtype)
+    columns = round(packed_columns * values_per_element)
+    unpacked = None
+    if values_per_element == 2:
+        unpacked = fast.unpack_fp4(packed, rows, columns, dtype)
+    if unpacked is None:
+        unpacked = unpack(packed, rows, columns, dtype=dtype)
     scale = compressor._decompress_scale(tensors["weight_scale"], dtype)
-    tensors["weight"] = dequantize(
-        x_q=unpacked,
-        scale=scale,
-        args=scheme.weights,
-        global_scale=tensors.get("weight_global_scale"),
-        dtype=dtype,
+    global_scale = tensors.get("weight_global_scale")
+    weight = fast.dequantize_values(
+        unpacked, scale, None, scheme.weights, global_scale=global_scale, dtype=dtype
     )
+    if weight is None:
+        weight = dequantize(
+            x_q=unpacked, scale=scale, args=scheme.weights, global_scale=global_scale, dtype=dtype
+        )
+    tensors["weight"] = weight
     tensors["weight_scale"] = scale
     return tensors
+
+
+# Formats whose compressed weight is the quantized values themselves.
+_NAIVE_FORMATS = ("naive-quantized", "int-quantized", "float-quantized")
+# Strategies whose zero points pack-quantized packs along rows.
+_PACKED_ZERO_POINT_STRATEGIES = (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
 
 
 def _has_packed_zero_point(tensors: ModuleTensors, scheme: QuantizationScheme) -> bool:
@@ -93,6 +108,11 @@ def _has_packed_zero_point(tensors: ModuleTensors, scheme: QuantizationScheme) -
         and "weight_zero_point" in tensors
         and "weight_scale" in tensors
     )
+
+
+def _needs_zero_point(scheme: QuantizationScheme) -> bool:
+    args = scheme.weights
+    return args is not None and not args.symmetric and args.strategy in _PACKED_ZERO_POINT_STRATEGIES
 
 
 def _standard_strides(tensor: torch.Tensor) -> torch.Tensor:
@@ -121,15 +141,98 @@ def _with_unpacked_zero_point(tensors: ModuleTensors, scheme: QuantizationScheme
 def _decompress_pack_quantized(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
     tensors = dict(tensors)
     packed = tensors.pop("weight_packed")
+    args = scheme.weights
     shape = torch.Size(int(size) for size in tensors["weight_shape"])
-    unpacked = unpack_from_int32(_standard_strides(packed), scheme.weights.num_bits, shape)
-    tensors["weight"] = dequantize(
-        x_q=unpacked,
-        scale=tensors["weight_scale"],
-        zero_point=tensors["weight_zero_point"],
-        args=scheme.weights,
-    )
+    unpacked = None
+    if len(shape) == 2:
+        unpacked = fast.unpack_int32(packed, args.num_bits, shape[1])
+    if unpacked is None:
+        unpacked = unpack_from_int32(_standard_strides(packed), args.num_bits, shape)
+    tensors["weight"] = _dequantize(unpacked, tensors, scheme)
     return tensors
+
+
+def _dequantize(quantized: torch.Tensor, tensors: ModuleTensors, scheme: QuantizationScheme) -> torch.Tensor:
+    scale = tensors["weight_scale"]
+    zero_point = tensors.get("weight_zero_point")
+    weight = fast.dequantize_values(quantized, scale, zero_point, scheme.weights)
+    if weight is None:
+        weight = dequantize(x_q=quantized, scale=scale, zero_point=zero_point, args=scheme.weights)
+    return weight
+
+
+def _decompress_naive(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+    """Dequantize an int8 or fp8 weight, as compressed-tensors' naive-quantized compressor does."""
+    tensors = dict(tensors)
+    tensors["weight"] = _dequantize(tensors.pop("weight"), tensors, scheme)
+    return tensors
+
+
+def _without_symmetric_zero_points(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+    # compressed-tensors' BaseCompressor._remove_symmetric_zp: vLLM loads no
+    # zero points for symmetric schemes.
+    for base, args in (
+        ("input", scheme.input_activations),
+        ("weight", scheme.weights),
+        ("output", scheme.output_activations),
+    ):
+        if args is not None and args.symmetric:
+            tensors.pop(f"{base}_zero_point", None)
+    return tensors
+
+
+def _compress_fast(name: str, tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors | None:
+    """Compress with `tensorpress.formats.fast`, or return None where it does not apply.
+
+    The result has the tensors, dtypes and key order of compressed-tensors'
+    compressor for `name`.
+    """
+    args = scheme.weights
+    weight = tensors.get("weight")
+    scale = tensors.get("weight_scale")
+    if args is None or weight is None or scale is None or weight.device.type != "cpu":
+        return None
+    zero_point = tensors.get("weight_zero_point")
+
+    if name == "pack-quantized":
+        packed = fast.quantize_pack_int32(weight, scale, zero_point, args)
+        if packed is None:
+            return None
+        result = dict(tensors)
+        del result["weight"]
+        result["weight_packed"] = packed
+        result["weight_shape"] = torch.tensor(weight.shape)
+        if not args.symmetric and args.strategy in _PACKED_ZERO_POINT_STRATEGIES:
+            if zero_point is None or zero_point.dtype != torch.int8:
+                return None
+            result["weight_zero_point"] = pack_to_int32(zero_point, args.num_bits, packed_dim=0).contiguous()
+        return _without_symmetric_zero_points(result, scheme)
+
+    if name in ("naive-quantized", "int-quantized", "float-quantized"):
+        if args.pytorch_dtype() == torch.int8 and args.type == "int":
+            quantized = fast.quantize_int8(weight, scale, zero_point, args)
+        else:
+            quantized = fast.quantize_fp8(weight, scale, zero_point, args)
+        if quantized is None:
+            return None
+        result = dict(tensors)
+        del result["weight"]
+        result["weight"] = quantized
+        return _without_symmetric_zero_points(result, scheme)
+
+    if name in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        global_scale = tensors.get("weight_global_scale")
+        packed = fast.quantize_pack_fp4(weight, scale, global_scale, args)
+        if packed is None:
+            return None
+        compressor = BaseCompressor.get_value_from_registry(name)
+        result = dict(tensors)
+        del result["weight"]
+        del result["weight_scale"]
+        result["weight_packed"] = packed
+        result["weight_scale"] = compressor._compress_scale(scale, args)
+        return _without_symmetric_zero_points(result, scheme)
+    return None
 
 
 def _wrap(name: str) -> Format:
@@ -144,6 +247,9 @@ def _wrap(name: str) -> Format:
     compressor = BaseCompressor.get_value_from_registry(name)
 
     def compress_plain(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
+        result = _compress_fast(name, tensors, scheme)
+        if result is not None:
+            return result
         return dict(compressor.compress(dict(tensors), scheme))
 
     def compress(tensors: ModuleTensors, scheme: QuantizationScheme) -> ModuleTensors:
@@ -157,14 +263,15 @@ def _wrap(name: str) -> Format:
         if _uses_g_idx(tensors, scheme):
             return decompress_with_g_idx(tensors, scheme, dtype)
         if name == "pack-quantized" and _has_packed_zero_point(tensors, scheme):
-            tensors = _with_unpacked_zero_point(tensors, scheme)
+            result = _decompress_pack_quantized(_with_unpacked_zero_point(tensors, scheme), scheme)
+        elif name == "pack-quantized" and "weight_packed" in tensors and not _needs_zero_point(scheme):
             result = _decompress_pack_quantized(tensors, scheme)
-            if dtype is not None:
-                result["weight"] = result["weight"].to(dtype)
-            return result
-        if dtype is not None and name in _PACKED_FLOAT:
-            return _decompress_packed_float(name, tensors, scheme, dtype)
-        result = dict(compressor.decompress(dict(tensors), scheme))
+        elif name in _PACKED_FLOAT and "weight_packed" in tensors:
+            result = _decompress_packed_float(name, tensors, scheme, dtype or torch.bfloat16)
+        elif name in _NAIVE_FORMATS and "weight" in tensors and "weight_scale" in tensors:
+            result = _decompress_naive(tensors, scheme)
+        else:
+            result = dict(compressor.decompress(dict(tensors), scheme))
         if dtype is not None and "weight" in result:
             result["weight"] = result["weight"].to(dtype)
         return result
