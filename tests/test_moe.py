@@ -243,7 +243,7 @@ def test_module_types_gain_expert_linears() -> None:
     view = split_fused_experts(fused_experts(), module_types)
 
     names = list(view.module_types)
-    assert names[:3] == ["model.layers.0.mlp", "model.layers.0.mlp.experts", "model.layers.0.mlp.experts.0.gate_proj"]
+    assert names[:3] == ["model.layers.0.mlp", "model.layers.0.mlp.experts", "model.layers.0.mlp.experts.0.up_proj"]
     assert view.module_types["model.layers.0.mlp.experts.2.down_proj"] == ("Linear", "Module")
     assert names[-1] == "model.layers.0.mlp.gate"
 
@@ -378,3 +378,17 @@ def test_lazy_source_with_fused_experts(tmp_path) -> None:
     assert sorted(result.tensors) == sorted(expected.tensors)
     for name, tensor in expected.tensors.items():
         assert torch.equal(result.tensors[name], tensor), name
+
+
+def test_ignored_experts_in_peer_order() -> None:
+    # llmcompressor registers each linearized expert's up_proj before gate_proj.
+    options = CompressionOptions.for_scheme("W4A16", ignore=["re:.*mlp.gate$", "re:.*experts.1.*"])
+
+    result = compress_state_dict(fused_experts(), options)
+
+    assert result.config["ignore"] == [
+        "model.layers.0.mlp.experts.1.up_proj",
+        "model.layers.0.mlp.experts.1.gate_proj",
+        "model.layers.0.mlp.experts.1.down_proj",
+        "model.layers.0.mlp.gate",
+    ]

@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 # linearized experts make them torch Linear modules.
 _EXPERT_CLASSES = ("Linear", "Module")
 
+# The order in which llmcompressor 0.14's linearized expert (ExpertMLPWithGate)
+# registers its projections. It sets the order of ignored experts in the
+# config's ignore list; projections not named here follow in layout order.
+_PEER_MODULE_ORDER = ("up_proj", "gate_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class FusedTensor:
@@ -347,6 +352,10 @@ def checkpoint_module_types(
     The checkpoint-folder route reads per-expert tensors under their saved
     names (Mixtral: ``block_sparse_moe.experts.0.w1``), while module types
     built from the transformers model use the model's names.
+
+    NOTE: the folder route does not split fused 3-D expert tensors stored
+    on disk (transformers writes experts per expert, but some releases ship
+    them fused); such tensors are copied unquantized.
     """
     layout = expert_layout(model_type)
     if module_types is None:
@@ -456,16 +465,23 @@ def _split_group(
     per_expert: dict[str, torch.Tensor] = {}
     num_experts = next(iter(weights.values())).shape[0]
     for index in range(num_experts):
+        pieces: dict[str, dict[str, torch.Tensor]] = {}
         for tensor in layout.tensors:
             rows = weights[tensor.parameter][index].chunk(len(tensor.modules), dim=0)
             bias_local = f"{tensor.parameter}_bias"
             biases = load(bias_local)[index].chunk(len(tensor.modules)) if bias_local in members else None
             for position, module in enumerate(tensor.modules):
-                prefix = f"{experts_module}.{index}.{module}"
-                per_expert[f"{prefix}.weight"] = rows[position].contiguous()
+                pieces[module] = {"weight": rows[position].contiguous()}
                 if biases is not None:
-                    per_expert[f"{prefix}.bias"] = biases[position].contiguous()
+                    pieces[module]["bias"] = biases[position].contiguous()
+        for module in sorted(pieces, key=_peer_rank):
+            for local, value in pieces[module].items():
+                per_expert[f"{experts_module}.{index}.{module}.{local}"] = value
     return per_expert
+
+
+def _peer_rank(module: str) -> int:
+    return _PEER_MODULE_ORDER.index(module) if module in _PEER_MODULE_ORDER else len(_PEER_MODULE_ORDER)
 
 
 def _per_expert(fused: torch.Tensor, tensor: FusedTensor) -> torch.Tensor:
