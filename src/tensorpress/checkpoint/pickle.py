@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -10,7 +9,13 @@ from pathlib import Path
 import torch
 
 from tensorpress.checkpoint.shards import Spool, write_shard
-from tensorpress.checkpoint.source import CheckpointSource, find_pickle_files, open_checkpoint
+from tensorpress.checkpoint.source import (
+    CheckpointSource,
+    find_pickle_files,
+    load_weight_map,
+    open_checkpoint,
+    shard_path,
+)
 from tensorpress.errors import CheckpointError
 from tensorpress.writer import write_json
 
@@ -24,12 +29,9 @@ _PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 def _pickle_files(folder: Path) -> list[Path]:
     index = folder / _PICKLE_INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index} is not a valid index file: {error}") from None
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
-    return find_pickle_files(folder)
+        weight_map = load_weight_map(index)
+        return [shard_path(folder, name, index) for name in dict.fromkeys(weight_map.values())]
+    return [shard_path(folder, path.name, path) for path in find_pickle_files(folder)]
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

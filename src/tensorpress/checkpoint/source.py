@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 
 from tensorpress.errors import CheckpointError
 
@@ -61,7 +63,10 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read a safetensors file's header: tensor name -> TensorInfo, and the metadata.
 
-    Offsets in the result are absolute file positions.
+    Offsets in the result are absolute file positions. Every entry is checked
+    as safetensors checks it when loading: a known dtype, a shape of
+    non-negative sizes, and a byte range of exactly the tensor's size inside
+    the file.
 
     Raises:
         CheckpointError: the file is missing, truncated or not safetensors.
@@ -81,34 +86,103 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             file_size = file.tell()
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found; the checkpoint folder is incomplete") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a safetensors file") from None
+    if len(raw) != length:
+        raise CheckpointError(
+            f"{path} is truncated: its header needs {length} bytes but the file has "
+            f"{file_size} bytes; download or copy the file again"
+        )
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(raw, object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as error:
         raise CheckpointError(f"{path} is not a safetensors file: invalid header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: the header's __metadata__ must map strings to strings")
     data_start = 8 + length
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(
-                name=name,
-                path=path,
-                dtype=entry["dtype"],
-                shape=tuple(int(size) for size in entry["shape"]),
-                start=data_start + int(begin),
-                end=data_start + int(end),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: the header entry of {name!r} is invalid") from None
+        info = _tensor_info(path, name, entry, data_start)
         if info.end > file_size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name!r} ends at byte {info.end} but the file "
                 f"has {file_size} bytes; download or copy the file again"
             )
         tensors[name] = info
+    _check_contiguous(path, tensors.values(), data_start, file_size)
     return tensors, metadata
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _check_contiguous(path: Path, infos: Iterable[TensorInfo], data_start: int, file_size: int) -> None:
+    """Require the byte ranges to tile the data section, as safetensors itself does on load.
+
+    Overlapping or gapped ranges mean a corrupt (or crafted) header.
+    """
+    position = data_start
+    for info in sorted(infos, key=lambda info: (info.start, info.end)):
+        if info.start != position:
+            raise CheckpointError(
+                f"{path}: tensor {info.name!r} starts at byte {info.start}, but the previous "
+                f"tensor ends at byte {position}; the header's data_offsets overlap or leave "
+                "gaps, so the file is corrupt"
+            )
+        position = info.end
+    if position != file_size:
+        raise CheckpointError(
+            f"{path} has {file_size - position} bytes after its last tensor; the file is "
+            "corrupt or was written by something other than safetensors"
+        )
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """Parse one header entry, rejecting unknown dtypes and byte ranges that do not fit the shape."""
+    invalid = CheckpointError(
+        f"{path}: the header entry of {name!r} is invalid; it needs a known dtype, a list "
+        "of non-negative sizes as shape and two data_offsets; the file is corrupt"
+    )
+    if not isinstance(entry, dict):
+        raise invalid
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise invalid
+    if not isinstance(shape, list) or not isinstance(offsets, list):
+        raise invalid
+    if len(offsets) != 2 or not all(_is_size(value) for value in (*shape, *offsets)):
+        raise invalid
+    begin, end = offsets
+    element_size = SAFETENSORS_DTYPES[dtype].itemsize
+    if end < begin or end - begin != math.prod(shape) * element_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}], which do not match "
+            f"its shape {shape} and dtype {dtype}; the file is corrupt"
+        )
+    return TensorInfo(
+        name=name,
+        path=path,
+        dtype=dtype,
+        shape=tuple(shape),
+        start=data_start + begin,
+        end=data_start + end,
+    )
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class CheckpointSource(Mapping[str, torch.Tensor]):
@@ -153,20 +227,66 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             return {name: file.get_tensor(name) for name in names}
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{path}: reading {', '.join(names[:3])} failed: {error}") from error
 
 
 def _load_index(folder: Path) -> dict[str, str]:
     path = folder / SAFE_WEIGHTS_INDEX_NAME
+    weight_map = load_weight_map(path)
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path(folder, shard, path)
+    return weight_map
+
+
+def load_weight_map(path: Path) -> dict[str, str]:
+    """Read an index file's ``weight_map`` of tensor name -> file name.
+
+    Raises:
+        CheckpointError: the file is not JSON or has no weight_map of strings.
+    """
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path} has no weight_map; it is not a safetensors index file")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(
+                f"{path} maps {name!r} to {shard!r}; weight_map values must be file names"
+            )
     return weight_map
+
+
+def shard_path(folder: Path, name: str, index: Path) -> Path:
+    """Return the path of the weight file `name` that `index` lists, which must be inside `folder`.
+
+    Raises:
+        CheckpointError: `name` is absolute, contains "..", or resolves
+            (through symlinks) to a file outside `folder`.
+    """
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or "\\" in name or "\x00" in name:
+        raise CheckpointError(
+            f"{index} names the file {name!r}, which is outside the checkpoint folder; an "
+            "index may only name files inside its folder"
+        )
+    path = folder / relative
+    root = folder.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # symlink loops
+        raise CheckpointError(f"{path} cannot be resolved: {error}") from None
+    if root != resolved and root not in resolved.parents and not _is_hub_blob(root, resolved):
+        raise CheckpointError(
+            f"{path} is a symlink to {resolved}, outside the checkpoint folder {root}; copy "
+            "the file into the folder instead of linking it"
+        )
+    return path
 
 
 def find_pickle_files(folder: Path) -> list[Path]:
@@ -192,6 +312,7 @@ def open_checkpoint(folder: str | Path) -> CheckpointSource:
         weight_map = _load_index(folder)
         shard_names = list(dict.fromkeys(weight_map.values()))
         headers = {name: read_header(folder / name)[0] for name in shard_names}
+        _check_duplicates(folder, headers, weight_map)
         tensors: dict[str, TensorInfo] = {}
         for name, shard in weight_map.items():
             info = headers[shard].get(name)
@@ -202,7 +323,7 @@ def open_checkpoint(folder: str | Path) -> CheckpointSource:
                 )
             tensors[name] = info
         for shard, header in headers.items():
-            extra = [name for name in header if name not in weight_map]
+            extra = [name for name in header if weight_map.get(name) != shard]
             if extra:
                 raise CheckpointError(
                     f"{folder / shard} contains {len(extra)} tensor(s) that the index does not "
@@ -215,6 +336,7 @@ def open_checkpoint(folder: str | Path) -> CheckpointSource:
     if single.is_file():
         candidates = [single]
     if len(candidates) == 1:
+        shard_path(folder, candidates[0].name, candidates[0])
         tensors = read_header(candidates[0])[0]
         return CheckpointSource(folder, tensors, candidates)
     if len(candidates) > 1:
@@ -230,3 +352,24 @@ def open_checkpoint(folder: str | Path) -> CheckpointSource:
             "torch.load(weights_only=True), or convert them to safetensors first"
         )
     raise CheckpointError(f"{folder} contains no model.safetensors and no {SAFE_WEIGHTS_INDEX_NAME}")
+
+
+def _is_hub_blob(root: Path, resolved: Path) -> bool:
+    # huggingface_hub's cache links snapshots/<revision>/<file> to
+    # ../../blobs/<hash>; those links leave the folder but stay in the repository's cache.
+    return root.parent.name == "snapshots" and resolved.parent == root.parent.parent / "blobs"
+
+
+def _check_duplicates(
+    folder: Path, headers: Mapping[str, Mapping[str, TensorInfo]], weight_map: Mapping[str, str]
+) -> None:
+    """Reject a tensor stored in more than one shard, because the intended copy is ambiguous."""
+    owners: dict[str, str] = {}
+    for shard, header in headers.items():
+        for name in header:
+            first = owners.setdefault(name, shard)
+            if first != shard:
+                raise CheckpointError(
+                    f"{folder}: tensor {name!r} is stored in both {first} and {shard} (the index "
+                    f"maps it to {weight_map.get(name)}); remove the duplicate from one shard"
+                )
