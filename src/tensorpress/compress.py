@@ -16,6 +16,7 @@ from tensorpress.config import build_config
 from tensorpress.experts import split_fused_experts
 from tensorpress.errors import InvalidOptionsError, InvalidTensorError, TensorpressError
 from tensorpress.formats import get_format
+from tensorpress.concurrency import map_in_order, resolve_workers
 from tensorpress.modules import (
     check_weight,
     fill_weight_qparams,
@@ -90,6 +91,7 @@ def compress_state_dict(
     module_types: ModuleTypes | None = None,
     return_type: str = "torch",
     model_type: str | None = None,
+    workers: int | None = None,
 ) -> CompressedStateDict:
     """Compress a state dict into the tensors and config of a compressed-tensors checkpoint.
 
@@ -122,6 +124,8 @@ def compress_state_dict(
             which selects how fused 3-D expert tensors split and how names
             are saved (see `tensorpress.experts`). None splits experts by
             transformers' default layout, checked against their shapes.
+        workers: modules compressed at once, on threads; None uses
+            ``torch.get_num_threads()``. The bytes do not depend on it.
 
     Returns:
         `CompressedStateDict` with the tensors to write and the config entry.
@@ -159,7 +163,9 @@ def compress_state_dict(
     )
     require_kv_cache_scales(experts.state_dict, module_classes, plan.kv_cache_scheme)
     experts.rename_ignore(plan)
-    result = compress_with_plan(experts.state_dict, plan, options, module_classes=module_classes)
+    result = compress_with_plan(
+        experts.state_dict, plan, options, module_classes=module_classes, workers=workers
+    )
     if experts.layout.renames or experts.split:
         tensors = MappingProxyType(experts.checkpoint_tensors(result.tensors))
         result = CompressedStateDict(tensors=tensors, config=result.config)
@@ -175,6 +181,7 @@ def compress_with_plan(
     options: CompressionOptions,
     *,
     module_classes: Mapping[str, tuple[str, ...]] | None = None,
+    workers: int | None = None,
 ) -> CompressedStateDict:
     """Compress `state_dict` with schemes already assigned to modules.
 
@@ -183,7 +190,9 @@ def compress_with_plan(
     build it with `tensorpress.plan.plan_from_schemes`. `module_classes`
     (module name -> class names, as the plan was built from) lets the
     sparsity options match class targets; None guesses classes from names
-    and weight shapes.
+    and weight shapes. `workers` modules are compressed at once on threads
+    (torch releases the GIL in its kernels); None uses
+    ``torch.get_num_threads()``. The bytes do not depend on it.
     """
     global_scales = shared_global_scales(state_dict, plan)
     if module_classes is None:
@@ -191,22 +200,37 @@ def compress_with_plan(
     sparsity = plan_sparsity(state_dict, module_classes, plan, options)
     zero_counter = ZeroCounter() if sparsity is not None and sparsity.counts_zeros else None
 
-    output: dict[str, torch.Tensor] = {}
-    for module, names in group_by_module(state_dict).items():
-        module_input = {name: state_dict[name] for name in names}
+    uncompressed = options.model_copy(update={"save_compressed": False})
+
+    def compress_one(
+        module: str, module_input: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        counted = None
         if zero_counter is not None:
             # llmcompressor counts the weight qparams registered on the model
             # in global_sparsity, so count after filling them in.
-            uncompressed = options.model_copy(update={"save_compressed": False})
             module_input = compress_module(
                 module, module_input, plan, uncompressed, global_scale=global_scales.get(module)
             )
-            zero_counter.add(module_input.values())
+            counted = module_input
         compressed = compress_module(
             module, module_input, plan, options, global_scale=global_scales.get(module)
         )
         if sparsity is not None:
             compressed = sparsity.compress_module(module, compressed)
+        return counted, compressed
+
+    # The state dict is read on this thread (lazy sources need not be
+    # thread-safe), and results are merged in module order, so the output
+    # is the same for any number of workers.
+    inputs = (
+        (module, {name: state_dict[name] for name in names})
+        for module, names in group_by_module(state_dict).items()
+    )
+    output: dict[str, torch.Tensor] = {}
+    for counted, compressed in map_in_order(compress_one, inputs, resolve_workers(workers)):
+        if counted is not None:
+            zero_counter.add(counted.values())
         output.update(compressed)
 
     sparsity_config = sparsity.config(zero_counter) if sparsity is not None else None
