@@ -7,10 +7,13 @@ the destination as it was (or absent), never a mix of old and new files.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,9 +22,9 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 
 from tensorpress.errors import CheckpointError
+from tensorpress.safetensors_file import write_safetensors_file
 
 __all__ = [
     "atomic_directory",
@@ -49,6 +52,15 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     README, ...) are carried over, unless the new save writes a file of the
     same name. Old weight shards and index files are dropped. On error the
     temporary folder is removed and `destination` is untouched.
+
+    The temporary folder is a hidden sibling, ``.<name>.<pid>.<random>.partial``.
+    On Linux the finished folder and `destination` swap places in one
+    ``renameat2(RENAME_EXCHANGE)`` call, so a process killed at any point
+    leaves `destination` with its old or its new contents. Elsewhere the old
+    folder is first renamed to a ``.old`` sibling, and a save killed between
+    the two renames leaves `destination` absent. Siblings left by killed
+    saves are removed (or, for a ``.old`` folder whose destination is
+    missing, renamed back) by the next save into the same path.
     """
     destination = Path(destination)
     if destination.exists() and not destination.is_dir():
@@ -63,24 +75,27 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
             f"cannot create the folder {parent} to save into: {error.strerror or error}; "
             "pick a save path whose parents are folders you can write"
         ) from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=parent))
+    _clean_leftovers(destination)
+    prefix = f".{destination.name}.{os.getpid()}."
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=_PARTIAL_SUFFIX, dir=parent))
     try:
         yield staging
         if destination.exists():
-            for entry in destination.iterdir():
-                if is_weight_file(entry.name) or (staging / entry.name).exists():
-                    continue
-                target = staging / entry.name
-                if entry.is_dir():
-                    shutil.copytree(entry, target, symlinks=True)
-                else:
-                    shutil.copy2(entry, target, follow_symlinks=False)
-            backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=parent))
-            backup.rmdir()
-            os.replace(destination, backup)
-            os.replace(staging, destination)
-            shutil.rmtree(backup, ignore_errors=True)
+            _carry_over(destination, staging)
+            _fsync_tree(staging)
+            if _exchange(staging, destination):
+                # staging now contains the old contents.
+                _fsync_directory(parent)
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                backup = Path(tempfile.mkdtemp(prefix=prefix, suffix=_BACKUP_SUFFIX, dir=parent))
+                backup.rmdir()
+                os.replace(destination, backup)
+                os.replace(staging, destination)
+                _fsync_directory(parent)
+                shutil.rmtree(backup, ignore_errors=True)
         else:
+            _fsync_tree(staging)
             os.replace(staging, destination)
         _fsync_directory(parent)
     except BaseException:
@@ -88,7 +103,93 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+_PARTIAL_SUFFIX = ".partial"
+_BACKUP_SUFFIX = ".old"
+
+# renameat2 flag that swaps two paths atomically (linux/fs.h), and "relative to the cwd".
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders in one atomic step; return False where the OS or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no glibc 2.28+ (musl, old systems)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise CheckpointError(
+        f"replacing {second} with the finished save failed: {os.strerror(code)}"
+    )
+
+
+def _carry_over(destination: Path, staging: Path) -> None:
+    for entry in destination.iterdir():
+        if is_weight_file(entry.name) or (staging / entry.name).exists():
+            continue
+        target = staging / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True)
+        else:
+            shutil.copy2(entry, target, follow_symlinks=False)
+
+
+def _clean_leftovers(destination: Path) -> None:
+    """Remove the temporary siblings of `destination` that saves killed part-way left behind.
+
+    A sibling whose process is still running belongs to a save in progress
+    and is kept. A ``.old`` sibling contains the previous contents of a save
+    killed between its two renames; when `destination` is missing it is
+    renamed back instead of removed.
+    """
+    prefix = f".{destination.name}."
+    for entry in sorted(destination.parent.iterdir()):
+        name = entry.name
+        if not name.startswith(prefix) or not name.endswith((_PARTIAL_SUFFIX, _BACKUP_SUFFIX)):
+            continue
+        owner = name[len(prefix) :].split(".", 1)[0]
+        if not owner.isdigit() or _is_running(int(owner)) or not entry.is_dir():
+            continue
+        if name.endswith(_BACKUP_SUFFIX) and not destination.exists():
+            os.replace(entry, destination)
+            logger.warning("restored %s from %s, left by an interrupted save", destination, entry)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted save into %s", entry, destination)
+
+
+def _is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk, so a crash after the rename finds complete files."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                _fsync_directory(path)
+        _fsync_directory(Path(root))
+
+
 def _fsync_directory(path: Path) -> None:
+    """Flush a folder (or file) to disk; filesystems that cannot are skipped silently."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:
@@ -143,7 +244,9 @@ def write_safetensors_shards(
     """Write `tensors` as safetensors shards plus an index when there is more than one.
 
     Sharding follows huggingface_hub's ``split_torch_state_dict_into_shards``,
-    as transformers does. Returns the names of the files written.
+    as transformers does. Each shard is written from the tensors' memory,
+    with the bytes ``safetensors.torch.save_file`` writes but without its
+    copy of the shard. Returns the names of the files written.
     """
     prepared = _detach_shared(tensors)
     split = split_torch_state_dict_into_shards(
@@ -152,7 +255,7 @@ def write_safetensors_shards(
     written = []
     for filename, names in split.filename_to_tensors.items():
         shard = {name: prepared[name] for name in names}
-        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        write_safetensors_file(shard, folder / filename, metadata={"format": "pt"})
         written.append(filename)
         if progress is not None:
             progress(filename)
