@@ -77,7 +77,9 @@ def install(killer: Killer, fallback: bool) -> None:
     """Wrap every file-system step of the writers with `killer`."""
     hf = sys.modules["tensorpress.adapters.hf"]
     file_writes = [
+        # Whichever of the two the shard writer calls: save_file or its replacement.
         (writer_module, "save_file", lambda tensors, path, **_: path),
+        (writer_module, "write_safetensors_file", lambda tensors, path, **_: path),
         (shards, "write_shard", lambda path, *_, **__: path),
         (writer_module, "write_json", lambda path, *_, **__: path),
         (pipeline, "write_json", lambda path, *_, **__: path),

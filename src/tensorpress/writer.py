@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 
 from tensorpress.errors import CheckpointError
+from tensorpress.safetensors_file import write_safetensors_file
 
 __all__ = [
     "atomic_directory",
@@ -244,7 +244,9 @@ def write_safetensors_shards(
     """Write `tensors` as safetensors shards plus an index when there is more than one.
 
     Sharding follows huggingface_hub's ``split_torch_state_dict_into_shards``,
-    as transformers does. Returns the names of the files written.
+    as transformers does. Each shard is written from the tensors' memory,
+    with the bytes ``safetensors.torch.save_file`` writes but without its
+    copy of the shard. Returns the names of the files written.
     """
     prepared = _detach_shared(tensors)
     split = split_torch_state_dict_into_shards(
@@ -253,7 +255,7 @@ def write_safetensors_shards(
     written = []
     for filename, names in split.filename_to_tensors.items():
         shard = {name: prepared[name] for name in names}
-        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        write_safetensors_file(shard, folder / filename, metadata={"format": "pt"})
         written.append(filename)
         if progress is not None:
             progress(filename)
