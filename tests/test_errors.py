@@ -114,3 +114,21 @@ def test_save_rejects_bad_shard_size_and_plain_modules(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionsError, match="needs a transformers model"):
         save_pretrained(torch.nn.Linear(128, 8), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(128,), (2, 8, 128)])
+def test_exact_target_on_unquantizable_weight(shape: tuple[int, ...]) -> None:
+    options = CompressionOptions.for_scheme("W4A16", targets=["block.norm"], ignore=[])
+
+    with pytest.raises(InvalidTensorError, match=r"block.norm is a quantization target by name"):
+        compress_state_dict({"block.norm.weight": torch.randn(*shape)}, options)
+
+
+def test_regex_and_class_targets_skip_unquantizable_weights() -> None:
+    options = CompressionOptions.for_scheme("W4A16", targets=["Linear", "re:block.*"], ignore=[])
+    state_dict = {"block.norm.weight": torch.randn(128), "block.proj.weight": torch.randn(8, 128)}
+
+    result = compress_state_dict(state_dict, options)
+
+    assert result.tensors["block.norm.weight"] is state_dict["block.norm.weight"]
+    assert "block.proj.weight_packed" in result.tensors

@@ -194,6 +194,7 @@ def compress_with_plan(
     (torch releases the GIL in its kernels); None uses
     ``torch.get_num_threads()``. The bytes do not depend on it.
     """
+    _reject_named_unquantizable(state_dict, plan)
     global_scales = shared_global_scales(state_dict, plan)
     if module_classes is None:
         module_classes = prepare_module_classes(state_dict, None)
@@ -238,6 +239,21 @@ def compress_with_plan(
     if config is not None:
         mark_group_actorder(config, plan, output)
     return CompressedStateDict(tensors=MappingProxyType(output), config=config)
+
+
+def _reject_named_unquantizable(state_dict: Mapping[str, torch.Tensor], plan: CompressionPlan) -> None:
+    # Class and regex targets skip such modules, as in compressed-tensors; an
+    # exact name is a request for that module, so skipping it would be silent.
+    for name in plan.named_but_unquantizable:
+        weight_name = f"{name}.weight" if name else "weight"
+        if weight_name not in state_dict:
+            continue
+        shape = tuple(state_dict[weight_name].shape)
+        raise InvalidTensorError(
+            f"{name} is a quantization target by name, but only Linear and Embedding "
+            f"modules with a 2-D weight can be quantized and {weight_name} has shape "
+            f"{shape}; remove it from the targets, or pass module_types if it is a Linear"
+        )
 
 
 def compress_module(

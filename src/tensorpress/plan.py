@@ -52,6 +52,9 @@ class CompressionPlan:
     model_format: str = "dense"
     ignore: list[str] = field(default_factory=list)
     kv_cache_scheme: QuantizationArgs | None = None
+    # Modules that a target names exactly but that cannot be quantized (not
+    # Linear or Embedding); compression raises if such a module has a weight.
+    named_but_unquantizable: list[str] = field(default_factory=list)
 
 
 def _is_compressible(classes: tuple[str, ...]) -> bool:
@@ -99,6 +102,13 @@ def plan_compression(
     }
     plan = plan_from_schemes(module_classes, assigned, force_format=force_format)
     plan.kv_cache_scheme = config.kv_cache_scheme
+    exact_targets = [target for target in target_to_scheme if not target.startswith("re:")]
+    for name, classes in module_classes.items():
+        names = (name,) if name not in aliases else (name, aliases[name])
+        if _is_compressible(classes) or not any(each in exact_targets for each in names):
+            continue
+        if not any(matches(each, classes, ignore_entries) for each in names):
+            plan.named_but_unquantizable.append(name)
     return plan
 
 
