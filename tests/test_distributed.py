@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import GOLDEN_DIR
 from safetensors.torch import load_file, save_file
 from test_checkpoint import folder_bytes, write_three_shards
@@ -181,3 +182,21 @@ def test_invalid_world_size_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CheckpointError, match="WORLD_SIZE='two' is not an integer"):
         with ranks_from_environment():
             pass
+
+
+def test_simulated_ranks_convert_pickle(tmp_path: Path) -> None:
+    source = tmp_path / "pickled"
+    source.mkdir()
+    (source / "config.json").write_bytes((SOURCE / "config.json").read_bytes())
+    torch.save(load_file(SOURCE / "model.safetensors"), source / "pytorch_model.bin")
+    options = CompressionOptions.for_scheme("W4A16")
+
+    outcomes = run_ranks(
+        2, lambda ranks: compress_checkpoint(source, tmp_path / "out", options, allow_pickle=True, ranks=ranks)
+    )
+
+    for outcome in outcomes:
+        assert not isinstance(outcome, Exception), outcome
+    written = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert written == (GOLDEN_DIR / "W4A16_float32" / "model.safetensors").read_bytes()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
