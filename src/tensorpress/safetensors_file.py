@@ -11,8 +11,9 @@ file, with no copy. The layout follows safetensors' serializer:
 - the data of each tensor in that order, with no gaps.
 
 safetensors orders tensors by dtype, then by name. Rather than copy that
-rule, the writer gets it from safetensors: it serializes empty tensors of the same
-names and dtypes and reads the order and dtype names from that header.
+rule, the writer gets it from safetensors: it serializes empty tensors of
+the same names and dtypes and reads the order and dtype names from that
+header.
 tests/test_fast_writer.py checks that the bytes equal ``save_file``'s.
 """
 

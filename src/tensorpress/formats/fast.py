@@ -79,8 +79,10 @@ def group_min_max(
         return None
     rows, columns = weight.shape
     if args.strategy == QuantizationStrategy.CHANNEL:
-        grouped = weight.unsqueeze(1)
-    elif args.strategy in _GROUPED and columns % args.group_size == 0:
+        # A whole row is long enough for torch's own reduction to be fast.
+        min_vals, max_vals = torch.aminmax(weight, dim=-1, keepdim=True)
+        return min_vals, max_vals
+    if args.strategy in _GROUPED and columns % args.group_size == 0:
         grouped = weight.reshape(rows, columns // args.group_size, args.group_size)
     else:
         return None
