@@ -132,3 +132,48 @@ def test_regex_and_class_targets_skip_unquantizable_weights() -> None:
 
     assert result.tensors["block.norm.weight"] is state_dict["block.norm.weight"]
     assert "block.proj.weight_packed" in result.tensors
+
+
+def test_unmatched_target_and_ignore_warn(caplog: pytest.LogCaptureFixture) -> None:
+    options = CompressionOptions.for_scheme("W4A16", targets=["Conv2d"], ignore=["lm_hed"])
+
+    with caplog.at_level("WARNING", logger="tensorpress.plan"):
+        result = compress_state_dict({"proj.weight": torch.randn(8, 128)}, options)
+
+    assert result.config is None
+    assert "target 'Conv2d' matches no module" in caplog.text
+    assert "ignore entry 'lm_hed' matches no module" in caplog.text
+
+
+@pytest.mark.parametrize("size", ["abc", 0, -1, "0GB"])
+def test_bad_shard_size_rejected_before_work(tmp_path: Path, size) -> None:  # type: ignore[no-untyped-def]
+    from tensorpress.checkpoint import compress_checkpoint
+    from conftest import GOLDEN_DIR
+
+    with pytest.raises(InvalidOptionsError, match="is not a positive size"):
+        compress_checkpoint(GOLDEN_DIR / "model_untied", tmp_path / "out",
+                            CompressionOptions.for_scheme("W4A16"), max_shard_size=size)
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_folder_has_umask_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=32))
+    umask = os.umask(0o022)
+    try:
+        save_pretrained(model, tmp_path / "new")
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o750)
+        os.chmod(existing, 0o750)
+        save_pretrained(model, existing)
+    finally:
+        os.umask(umask)
+
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o750

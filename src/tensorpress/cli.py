@@ -211,5 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TensorpressError as error:
         print(f"tensorpress: error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of stdout (for example `head`) exited; that is not a failure.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     finally:
         progress.close()

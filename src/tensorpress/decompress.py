@@ -122,7 +122,8 @@ def decompress_tensors(
         if module not in classes:
             classes[module] = _guess_classes(module, module_tensors(tensors, module, names))
 
-    plan = plan_compression(classes, quantization, force_format=force_format)
+    # A config read back names modules the checkpoint need not hold (a tied head).
+    plan = plan_compression(classes, quantization, force_format=force_format, warn_unmatched=False)
     status = config.get("quantization_status")
     # A "frozen" checkpoint holds float weights beside their qparams.
     compressed = status != "frozen"

@@ -6,6 +6,7 @@ in-memory route and the checkpoint-folder route build the same one.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from compressed_tensors.quantization.quant_config import get_vllm_module_type
 from tensorpress.errors import UnsupportedFormatError
 from tensorpress.formats.quantized import QUANTIZED_FORMAT_NAMES, fits, infer_module_format
 from tensorpress.names import match_name, matches, matching_targets
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ModulePlan",
@@ -67,6 +70,7 @@ def plan_compression(
     *,
     force_format: str | None = None,
     aliases: Mapping[str, str] | None = None,
+    warn_unmatched: bool = True,
 ) -> CompressionPlan:
     """Match every module against `config` as compressed-tensors does.
 
@@ -102,6 +106,9 @@ def plan_compression(
     }
     plan = plan_from_schemes(module_classes, assigned, force_format=force_format)
     plan.kv_cache_scheme = config.kv_cache_scheme
+    if warn_unmatched:
+        _warn_unmatched(module_classes, aliases, list(target_to_scheme), "target")
+        _warn_unmatched(module_classes, aliases, ignore_entries, "ignore entry")
     exact_targets = [target for target in target_to_scheme if not target.startswith("re:")]
     for name, classes in module_classes.items():
         names = (name,) if name not in aliases else (name, aliases[name])
@@ -197,6 +204,23 @@ def with_default_observers(scheme: QuantizationScheme) -> QuantizationScheme:
         if args.dynamic is not True:
             args.observer = default
     return scheme
+
+
+def _warn_unmatched(
+    module_classes: Mapping[str, tuple[str, ...]],
+    aliases: Mapping[str, str],
+    entries: list[str],
+    label: str,
+) -> None:
+    # compressed-tensors warns the same way; a typo otherwise yields a dense
+    # checkpoint (or a quantized lm_head) without a word.
+    for entry in entries:
+        if not any(
+            matches(each, classes, [entry])
+            for name, classes in module_classes.items()
+            for each in ((name,) if name not in aliases else (name, aliases[name]))
+        ):
+            logger.warning("quantization %s %r matches no module", label, entry)
 
 
 def _scheme_for(

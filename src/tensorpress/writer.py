@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
 
-from tensorpress.errors import CheckpointError
+from tensorpress.errors import CheckpointError, InvalidOptionsError
 from tensorpress.safetensors_file import write_safetensors_file
 
 __all__ = [
@@ -42,6 +43,28 @@ _INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 def is_weight_file(name: str) -> bool:
     """Return True for weight shards and their index files, which a new save replaces."""
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(_INDEX_SUFFIXES)
+
+
+def _folder_mode(destination: Path) -> int:
+    if destination.is_dir():
+        return destination.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def check_shard_size(max_shard_size: int | str) -> int:
+    """Return `max_shard_size` in bytes; raise InvalidOptionsError unless it is a positive size."""
+    try:
+        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    except (TypeError, ValueError):
+        size = None
+    if size is None or size <= 0 or isinstance(max_shard_size, bool):
+        raise InvalidOptionsError(
+            f"max_shard_size={max_shard_size!r} is not a positive size; use bytes as an "
+            "int or a string such as '5GB' or '500MB'"
+        )
+    return size
 
 
 @contextmanager
@@ -78,6 +101,10 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     _clean_leftovers(destination)
     prefix = f".{destination.name}.{os.getpid()}."
     staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=_PARTIAL_SUFFIX, dir=parent))
+    # mkdtemp creates 0700 folders; a checkpoint must be as readable as any
+    # folder the user makes (a server may run as another user), and an
+    # existing destination keeps its own mode.
+    os.chmod(staging, _folder_mode(destination))
     try:
         yield staging
         if destination.exists():

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from huggingface_hub.serialization._base import parse_size_to_int
 
 from tensorpress.compress import CompressedStateDict, compress_with_plan, forced_format
 from tensorpress.errors import InvalidOptionsError
@@ -26,7 +25,7 @@ from tensorpress.modules import attention_modules, prepare_module_classes, requi
 from tensorpress.options import CompressionOptions
 from tensorpress.plan import plan_compression, plan_from_schemes, with_default_observers
 from tensorpress.sparsity import check_sparsity_options
-from tensorpress.writer import atomic_directory, write_json, write_safetensors_shards
+from tensorpress.writer import atomic_directory, check_shard_size, write_json, write_safetensors_shards
 
 __all__ = ["save_pretrained", "module_types_of", "deduplicate_tied"]
 
@@ -209,14 +208,7 @@ def save_pretrained(
             f"{type(model).__name__}; for other modules call compress_state_dict on "
             "module.state_dict() and write the tensors yourself"
         )
-    if isinstance(max_shard_size, str):
-        try:
-            parse_size_to_int(max_shard_size)
-        except ValueError:
-            raise InvalidOptionsError(
-                f"max_shard_size={max_shard_size!r} is not a size; use bytes as an int "
-                "or a string such as '5GB' or '500MB'"
-            ) from None
+    check_shard_size(max_shard_size)
     options = CompressionOptions(
         quantization=quantization,
         quantization_format=quantization_format,

@@ -55,7 +55,7 @@ def _plan(folder: Path, source: CheckpointSource, quantization: dict[str, Any]) 
         # A packed module has no float weight to read a rank from, but held a 2-D one.
         is_2d = bool(local_names & {"weight_packed", "weight_scale"}) or (weight is not None and len(weight.shape) == 2)
         classes[module] = (infer_module_kind(module, torch.empty(0, 0) if is_2d else None),)
-    return plan_compression(classes, parsed)
+    return plan_compression(classes, parsed, warn_unmatched=False)
 
 
 def _dense_dtype(config: dict[str, Any], local: dict[str, TensorInfo]) -> torch.dtype:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tensorpress.writer import check_shard_size
 from tensorpress.checkpoint.architecture import ModuleKinds, module_kinds_from_config
 from tensorpress.checkpoint.pickle import convert_pickle_checkpoint
 from tensorpress.checkpoint.shards import Spool, dtype_from_name, write_shards
@@ -118,6 +119,7 @@ def compress_checkpoint(
             `compress_state_dict` raises them.
     """
     options = check_options(options)
+    check_shard_size(max_shard_size)
     source_dir, output_dir = _check_paths(source_dir, output_dir, workers)
     config_json = _read_config_json(source_dir)
     if config_json is not None and config_json.get("quantization_config"):
@@ -188,6 +190,7 @@ def decompress_checkpoint(
         CheckpointError: the folder is missing or has no quantization_config.
         MissingTensorError: a quantized module lacks a tensor its format needs.
     """
+    check_shard_size(max_shard_size)
     source_dir, output_dir = _check_paths(source_dir, output_dir, workers)
     config_json = _read_config_json(source_dir)
     quantization = (config_json or {}).get("quantization_config")
