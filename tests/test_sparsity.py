@@ -436,3 +436,16 @@ def test_report_measures_sparse_layers() -> None:
     assert head.format == "dense"
     assert head.bytes_before == head.bytes_after
     assert "layer.norm" not in rows
+
+
+def test_explicit_sparse_format_on_packed_weights_becomes_dense() -> None:
+    weight = torch.randn(8, 128)
+    weight.view(8, 32, 4)[..., :2] = 0.0
+    options = CompressionOptions.for_scheme(
+        "W4A16", ignore=[], sparsity_config={"format": "sparse-24-bitmask"}
+    )
+
+    result = compress_state_dict({"proj.weight": weight}, options)
+
+    assert result.config["sparsity_config"]["format"] == "dense"
+    assert "proj.weight_packed" in result.tensors

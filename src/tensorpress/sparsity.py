@@ -234,6 +234,12 @@ def infer_targets_and_ignore(
     return reduce_targets_and_ignore(targets_by_class, ignore_by_class)
 
 
+# Quantized formats that store weight_packed instead of a weight tensor.
+_PACKED_FORMATS = frozenset(
+    {"pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized"}
+)
+
+
 def _is_8_bit_int_or_float(args: Any) -> bool:
     return args.num_bits == 8 and args.type in (
         QuantizationType.INT.value,
@@ -452,6 +458,23 @@ def plan_sparsity(
     compressed_modules: frozenset[str] = frozenset()
     if sparse_format in SPARSE_FORMAT_NAMES:
         compressed_modules = _sparse_modules(module_classes, targets, ignore)
+        packed = sorted(
+            name
+            for name in compressed_modules
+            if name in plan.modules and plan.modules[name].format in _PACKED_FORMATS
+        )
+        if packed and options.save_compressed:
+            # A packed weight has no "weight" tensor to store sparsely; writing
+            # the sparse format name anyway would describe tensors that are
+            # not there.
+            logger.warning(
+                "sparsity format %r cannot stack on packed quantized weights (%s, ...): "
+                "the sparsity config gets format 'dense'",
+                sparse_format,
+                packed[0],
+            )
+            sparse_format = "dense"
+            compressed_modules = frozenset()
     return SparsityPlan(
         format=sparse_format,
         structure=structure,
