@@ -6,6 +6,7 @@ memory follows the largest module, not the checkpoint or shard size.
 
 from __future__ import annotations
 
+from tensorpress.checkpoint.load import load_dense_state_dict
 from tensorpress.checkpoint.pipeline import (
     CheckpointResult,
     Progress,
@@ -21,5 +22,6 @@ __all__ = [
     "TensorInfo",
     "compress_checkpoint",
     "decompress_checkpoint",
+    "load_dense_state_dict",
     "open_checkpoint",
 ]

@@ -333,7 +333,10 @@ def _quantized_modules(source: CheckpointSource) -> set[str]:
     selected = set()
     for module, names in group_by_module(source.tensors).items():
         start = len(module) + 1 if module else 0
-        if any(name[start:] == "weight_packed" or _is_qparam(name[start:]) for name in names):
+        local = [name[start:] for name in names]
+        # Sparse modules hold "compressed" and "bitmask" in place of a weight.
+        sparse = "compressed" in local and "bitmask" in local
+        if sparse or any(each == "weight_packed" or _is_qparam(each) for each in local):
             selected.add(module)
     return selected
 
