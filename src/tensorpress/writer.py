@@ -101,9 +101,9 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     _clean_leftovers(destination)
     prefix = f".{destination.name}.{os.getpid()}."
     staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=_PARTIAL_SUFFIX, dir=parent))
-    # mkdtemp creates 0700 folders; a checkpoint must be as readable as any
-    # folder the user makes (a server may run as another user), and an
-    # existing destination keeps its own mode.
+    # mkdtemp creates 0700 folders, but a server running as another user
+    # must read the checkpoint. A new folder gets the umask's mode, and an
+    # existing destination keeps its own.
     os.chmod(staging, _folder_mode(destination))
     try:
         yield staging
