@@ -30,9 +30,10 @@ def load_dense_state_dict(
         CheckpointError: the folder or its config.json is missing or corrupt.
         MissingTensorError, InvalidTensorError: see `decompress_state_dict`.
 
-    Example (tests/test_checkpoint_sparse_read.py runs the same on fixtures):
-        >>> dense = load_dense_state_dict("llama-2of4-fp8")  # doctest: +SKIP
-        >>> model.load_state_dict(dense)  # doctest: +SKIP
+    Example (tests/test_checkpoint_sparse_read.py runs the same on fixtures)::
+
+        dense = load_dense_state_dict("llama-2of4-fp8")
+        model.load_state_dict(dense)
     """
     folder = Path(folder)
     source = open_checkpoint(folder)
