@@ -49,8 +49,8 @@ def build_config(
             ignore=ignore,
         )
         quantization = config.model_dump(exclude={"quant_method"})
-        # compressed-tensors 0.20 added this field; 0.19 readers and the peer
-        # never write it, so leave it out unless it says something.
+        # compressed-tensors 0.20 added this field, and neither 0.19 nor
+        # llmcompressor 0.14 writes it, so it is left out when it is None.
         if quantization.get("moe_sparsity_config") is None:
             quantization.pop("moe_sparsity_config", None)
         for name, scheme in config.config_groups.items():

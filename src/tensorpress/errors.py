@@ -2,7 +2,7 @@
 
 Every error a caller can cause derives from `TensorpressError`, so one
 ``except TensorpressError`` catches them all. Each message names the tensor,
-option or file involved and says what to change.
+option or file involved and what to change.
 """
 
 from __future__ import annotations

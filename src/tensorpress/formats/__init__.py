@@ -26,9 +26,9 @@ class Format:
 
     name: str
     compress: Callable[[ModuleTensors, QuantizationScheme], ModuleTensors]
-    # decompress(tensors, scheme, dtype): dtype None keeps the format's own
-    # output dtype; a dtype makes formats that have no float scale of the
-    # model's dtype (fp4, fp6) dequantize in it.
+    # decompress(tensors, scheme, dtype): a dtype of None keeps the format's
+    # own output dtype. Otherwise fp4 and fp6 formats, whose scales do not
+    # record the model's dtype, dequantize in the given dtype.
     decompress: Callable[[ModuleTensors, QuantizationScheme, "torch.dtype | None"], ModuleTensors]
 
 
