@@ -5,9 +5,9 @@ most 1 GB and an index) with the same tensor shapes, so only the layer count
 differs. Each compression runs in a fresh subprocess that reports its own
 peak RSS (resource.getrusage ru_maxrss) and the RSS right after its imports,
 so the numbers exclude the process that built the files. Linux carries the
-parent's peak RSS over fork and exec into the child's ru_maxrss, so the
-parent imports no torch and builds each checkpoint in another subprocess;
-the child also reports VmHWM from /proc/self/status as a cross-check. Flat peak RSS
+parent's peak RSS over fork and exec into the child's ru_maxrss. So the
+parent imports no torch and builds each checkpoint in another subprocess.
+The child also reports VmHWM from /proc/self/status as a cross-check. Flat peak RSS
 between the two sizes shows that memory does not grow with the checkpoint.
 
 Run from the repository root (takes a few minutes and ~10 GB of disk):

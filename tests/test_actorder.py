@@ -28,7 +28,7 @@ def actorder_state_dict(scheme: str, seed: int = 0) -> tuple[dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A16"])
-def test_g_idx_round_trip_matches_per_column_fake_quantize(scheme: str) -> None:
+def test_g_idx_round_trip_exact(scheme: str) -> None:
     state_dict, options = actorder_state_dict(scheme)
     args = options.quantization.config_groups["group_0"].weights.model_copy(update={"group_size": 1})
     columns = state_dict["layer.weight_g_idx"].long()
@@ -52,7 +52,7 @@ def test_g_idx_out_of_range_rejected() -> None:
     state_dict, options = actorder_state_dict("W4A16")
     state_dict["layer.weight_g_idx"] = state_dict["layer.weight_g_idx"] + 5
 
-    with pytest.raises(InvalidTensorError, match="weight_g_idx holds group indices outside"):
+    with pytest.raises(InvalidTensorError, match="weight_g_idx contains group indices outside"):
         compress_state_dict(state_dict, options)
 
 

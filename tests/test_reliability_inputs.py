@@ -215,7 +215,7 @@ def test_decompress_g_idx_error_names_module() -> None:
     tensors = dict(result.tensors)
     tensors["layer.weight_g_idx"] = g_idx + 5
 
-    with pytest.raises(InvalidTensorError, match="layer.weight_g_idx holds group indices"):
+    with pytest.raises(InvalidTensorError, match="layer.weight_g_idx contains group indices"):
         decompress_state_dict(tensors, result.config)
 
 

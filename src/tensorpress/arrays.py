@@ -118,10 +118,10 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 def _check_numpy_dtype(name: str, dtype: np.dtype) -> None:
     if dtype.kind == "V" and dtype.fields is None and dtype.name.startswith("void"):
         raise InvalidTensorError(
-            f"{name} has the raw numpy dtype {dtype.str}, which is how numpy holds "
+            f"{name} has the raw numpy dtype {dtype.str}, which is how numpy stores "
             "bfloat16 and float8 values when ml_dtypes is not installed; run "
             "`pip install ml_dtypes` and pass array.view(ml_dtypes.bfloat16) (or the "
-            "float8 dtype it holds), or pass the weights as float32"
+            "float8 dtype it contains), or pass the weights as float32"
         )
     if dtype.type.__module__.startswith("ml_dtypes"):
         raise InvalidTensorError(
@@ -225,7 +225,7 @@ def to_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
     ml_dtypes = _ml_dtypes()
     if ml_dtypes is None:
         raise InvalidTensorError(
-            f"{name} has dtype {tensor.dtype}, which numpy holds only through ml_dtypes; "
+            f"{name} has dtype {tensor.dtype}, which numpy supports only through ml_dtypes; "
             "run `pip install ml_dtypes`, or use return_type='torch'"
         )
     raw = tensor.view(_TORCH_UINTS[tensor.element_size()]).numpy()

@@ -151,7 +151,7 @@ def compress_state_dict(
     # Numpy arrays become tensors and lazy sources are read on access; both
     # raise InvalidTensorError for names and values _check_state_dict rejects.
     state_dict = as_tensor_mapping(state_dict)
-    _reject_unimplemented_sparsity(options)
+    check_sparsity_options(options)
 
     experts = split_fused_experts(state_dict, module_types, model_type)
     module_classes = prepare_module_classes(experts.state_dict, experts.module_types)
@@ -264,7 +264,7 @@ def compress_module(
     *,
     global_scale: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
-    """Compress one module's tensors as `plan` says; a module outside the plan passes through.
+    """Compress one module's tensors by its entry in `plan`; a module outside the plan passes through.
 
     `tensors` and the result are keyed by full tensor name. `global_scale`
     is the NVFP4 global scale shared with fused partners (see
@@ -300,10 +300,10 @@ def check_options(options: CompressionOptions | Mapping[str, Any] | None) -> Com
     write dense weights silently.
     """
     options = _coerce_options(options)
-    _reject_unimplemented_sparsity(options)
+    check_sparsity_options(options)
     if options.sparsity_config is not None or not options.skip_sparsity_compression_stats:
-        # NOTE: compress_state_dict and save_pretrained implement sparsity;
-        # the folder route needs a pass over every weight before writing.
+        # NOTE: compress_state_dict and save_pretrained implement sparsity. The
+        # folder route would need a pass over every weight before writing.
         raise InvalidOptionsError(
             "sparse compression (sparsity_config, skip_sparsity_compression_stats="
             "False) is not implemented for checkpoint folders yet; load the model and "
@@ -317,12 +317,6 @@ def forced_format(options: CompressionOptions) -> str | None:
     if not options.save_compressed:
         return options.quantization_format or "dense"
     return options.quantization_format
-
-
-def _reject_unimplemented_sparsity(options: CompressionOptions) -> None:
-    # The name predates sparse compression; only combinations that no sparse
-    # checkpoint can satisfy (a marlin-24 config group) are rejected now.
-    check_sparsity_options(options)
 
 
 def _compress_module(
@@ -357,7 +351,7 @@ def mark_group_actorder(
     """Write ``actorder: "group"`` for config groups whose modules carry ``weight_g_idx``.
 
     Loaders read ``weight_g_idx`` only when the config declares group
-    activation ordering; with ``actorder: null`` they would load the weight
+    activation ordering. With ``actorder: null`` they would load the weight
     with the wrong column scales and raise nothing. compressed-tensors 0.20
     rejects "group" when parsing, so such a checkpoint fails loudly there
     instead of loading wrong values.

@@ -125,7 +125,7 @@ def decompress_tensors(
     # A config read back names modules the checkpoint need not hold (a tied head).
     plan = plan_compression(classes, quantization, force_format=force_format, warn_unmatched=False)
     status = config.get("quantization_status")
-    # A "frozen" checkpoint holds float weights beside their qparams.
+    # A "frozen" checkpoint contains float weights beside their qparams.
     compressed = status != "frozen"
 
     for module, names in groups.items():

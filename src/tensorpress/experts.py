@@ -95,7 +95,7 @@ class FusedTensor:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """How one architecture stores its experts and names them in checkpoints.
+    """Storage and checkpoint naming of one architecture's experts.
 
     Attributes:
         tensors: the fused parameters of an experts module, in data-flow
@@ -354,8 +354,8 @@ def checkpoint_module_types(
     built from the transformers model use the model's names.
 
     NOTE: the folder route does not split fused 3-D expert tensors stored
-    on disk (transformers writes experts per expert, but some releases ship
-    them fused); such tensors are copied unquantized.
+    on disk, so such tensors are copied unquantized. transformers writes
+    experts one per expert, but some releases ship them fused.
     """
     layout = expert_layout(model_type)
     if module_types is None:

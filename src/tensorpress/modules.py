@@ -75,7 +75,7 @@ def check_weight(module: str, weight: torch.Tensor, scheme: QuantizationScheme) 
     name = f"{module}.weight"
     if weight.is_meta:
         raise InvalidTensorError(
-            f"{name} is on the meta device and holds no data; load the real weights "
+            f"{name} is on the meta device and has no data; load the real weights "
             "before compressing"
         )
     if weight.layout != torch.strided:

@@ -174,7 +174,7 @@ def _clean_leftovers(destination: Path) -> None:
 
     A sibling whose process is still running belongs to a save in progress
     and is kept. A ``.old`` sibling contains the previous contents of a save
-    killed between its two renames; when `destination` is missing it is
+    killed between its two renames. When `destination` is missing, it is
     renamed back instead of removed.
     """
     prefix = f".{destination.name}."

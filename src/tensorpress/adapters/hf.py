@@ -220,7 +220,7 @@ def save_pretrained(
     )
 
     tensors = deduplicate_tied(state_dict if state_dict is not None else model.state_dict())
-    # transformers 5 holds experts fused; write them per expert, under saved names.
+    # transformers 5 keeps experts fused in memory, so split them per expert under saved names.
     experts = split_fused_experts(tensors, module_types_of(model), getattr(model.config, "model_type", None))
     tensors = experts.state_dict
     module_classes = prepare_module_classes(tensors, experts.module_types)

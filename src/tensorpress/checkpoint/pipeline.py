@@ -83,10 +83,10 @@ def compress_checkpoint(
     """Compress a checkpoint folder into a new compressed-tensors folder, a module at a time.
 
     Reads model.safetensors or the shards of model.safetensors.index.json
-    lazily, compresses each module with the same code as
-    `compress_state_dict`, and writes shards (split at `max_shard_size`),
-    an index, config.json with its ``quantization_config`` entry, and a copy
-    of every other file (tokenizer, generation config, ...). The bytes equal
+    lazily and compresses each module with the same code as
+    `compress_state_dict`. Writes shards (split at `max_shard_size`), an
+    index, config.json with its ``quantization_config`` entry, and a copy of
+    every other file (tokenizer, generation config, ...). The bytes equal
     those of `compress_state_dict` followed by
     `tensorpress.writer.write_safetensors_shards` on the same tensors in the
     checkpoint's order.

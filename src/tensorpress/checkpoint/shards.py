@@ -3,11 +3,11 @@
 A safetensors file starts with a header that lists every tensor's dtype,
 shape and offsets, so a shard cannot be written before all of its tensors
 are known. Compressed tensors therefore go to a spool file first, in the
-order they are produced; once every module is done, the shards are planned
-with huggingface_hub's splitter and each shard is assembled by copying byte
-ranges from the spool (or, for tensors that pass through unchanged, from
-the source file). Memory stays at one copy buffer; the disk briefly holds
-the spool beside the shards.
+order they are produced. Once every module is done, the shards are planned
+with huggingface_hub's splitter. Each shard is assembled by copying byte
+ranges from the spool, or from the source file for tensors that pass
+through unchanged. Memory stays at one copy buffer, but the disk briefly
+stores the spool beside the shards.
 """
 
 from __future__ import annotations

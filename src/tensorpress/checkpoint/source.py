@@ -1,10 +1,10 @@
 """Lazy reading of a safetensors checkpoint folder, one tensor at a time.
 
 Only the JSON headers are read up front. A tensor is read with safetensors'
-``safe_open`` when a caller needs it, and the file is closed again at once:
+``safe_open`` when a caller needs it, and the file is closed again at once.
 safetensors 0.8 returns tensors backed by a memory map of the whole file, so
-a handle kept open would keep every page it ever touched resident (the
-process's RSS would grow to the shard size). With a handle per read, the
+a handle kept open would keep every page it ever touched resident, and the
+process's RSS would grow to the shard size. With a handle per read, the
 pages go away when the caller drops the tensor.
 """
 

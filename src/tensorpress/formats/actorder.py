@@ -50,7 +50,7 @@ def check_g_idx(name: str, g_idx: torch.Tensor, columns: int, groups: int) -> No
         )
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise InvalidTensorError(
-            f"{name} holds group indices outside [0, {groups}); it must index the "
+            f"{name} contains group indices outside [0, {groups}); it must index the "
             f"{groups} columns of the weight scale"
         )
 

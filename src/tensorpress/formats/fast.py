@@ -1,9 +1,9 @@
 """Fast CPU kernels that give exactly the bytes of compressed-tensors 0.20.1.
 
 compressed-tensors' CPU path spends most of its time on work that does not
-change the result: ``pack_to_int32`` widens every value to int32 and packs
-with ``scatter_add_``, fp8 weights are cast to fp8, back to the weight dtype
-and to fp8 again, and fp4 codes come from eight masked assignments over the
+change the result. ``pack_to_int32`` widens every value to int32 and packs
+with ``scatter_add_``. fp8 weights are cast to fp8, back to the weight dtype
+and to fp8 again. fp4 codes come from eight masked assignments over the
 whole weight. The kernels here run the same floating-point operations on
 the same dtypes and broadcast shapes (division by the scale, zero-point
 addition, clamping, rounding), so every quantized value is the one
@@ -42,8 +42,8 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 _GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
 # Kernels work on row blocks of about this many bytes of float32, so that
 # the temporaries of one block stay small. On a 2-core EPYC VM, 4 MiB
-# blocks ran faster than both 256 KiB blocks (per-call overhead) and whole
-# tensors (memory traffic); a rough measurement on a loaded machine.
+# blocks ran faster than 256 KiB blocks (per-call overhead) and than whole
+# tensors (memory traffic). This is a rough measurement on a loaded machine.
 _BLOCK_BYTES = 1 << 22
 
 
@@ -53,7 +53,8 @@ def _reduce_last(values: torch.Tensor, op) -> torch.Tensor:  # type: ignore[no-u
     torch's amin/amax over a short innermost dimension (a quantization group)
     runs far slower than elementwise minimum/maximum over its two halves.
     min and max are exact, so the order of the comparisons does not change
-    the value (the sign of a zero result may differ, which no qparam sees).
+    the value. Only the sign of a zero result may differ, and no qparam
+    depends on it.
     """
     while values.shape[-1] > 1:
         size = values.shape[-1]

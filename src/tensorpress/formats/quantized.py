@@ -1,11 +1,11 @@
 """Quantized formats, with compressed-tensors' own compressors as the reference.
 
 compressed-tensors 0.20 compressors are pure classmethods over a module's
-local state dict, so they define the exact bytes; this module adapts them to
+local state dict, so they define the exact bytes. This module adapts them to
 the format registry and infers a module's format the way compressed-tensors
 does (first match in its priority order). For the int, fp8 and fp4 formats
 on CPU, the kernels in `tensorpress.formats.fast` compute the same bytes
-faster; whatever they do not cover goes to compressed-tensors.
+faster, and whatever they do not cover goes to compressed-tensors.
 """
 
 from __future__ import annotations
